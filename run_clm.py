@@ -1,0 +1,66 @@
+"""Fine-tune a Swallow model with the Hugging Face Trainer on Determined, or locally.
+
+On a cluster (the experiment's entrypoint):
+    python -m determined.launch.deepspeed python run_clm.py --model_name_or_path ... [HF flags]
+Locally, from the same experiment file (checkpoints and metrics under runs/<name>/):
+    python run_clm.py --config experiments/local_tiny.yaml [--fresh] [--any_flag value ...]
+"""
+
+import logging
+import sys
+
+from transformers import Trainer
+
+from hf_callback import DetCallback
+from swallow_ft import runtime
+from swallow_ft.arguments import dict2args, parse_input_arguments  # noqa: F401  (the seed's public helpers)
+from swallow_ft.data import build_collator, build_datasets
+from swallow_ft.errors import UserError
+from swallow_ft.model import load_model, load_tokenizer
+
+logger = logging.getLogger("run_clm")
+
+
+def main(det_callback, tb_callback, model_args, data_args, training_args):
+    tokenizer = load_tokenizer(model_args)
+    datasets = build_datasets(data_args, training_args, tokenizer, cache_dir=model_args.cache_dir)
+    model = load_model(model_args, training_args)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        processing_class=tokenizer,
+        data_collator=build_collator(tokenizer),
+        callbacks=[det_callback] + ([tb_callback] if tb_callback else []),
+    )
+    trainer.train(resume_from_checkpoint=det_callback.resume_from_checkpoint)
+    return det_callback.summary(trainer.state)
+
+
+def run(argv) -> int:
+    job = runtime.prepare(argv)
+    if job.training_args is None:  # a local multi-process run: start the ranks under torchrun
+        return runtime.relaunch(job, argv, script=__file__)
+    with runtime.core_context(job) as core_context:
+        det_callback = DetCallback(
+            core_context, job.training_args,
+            user_data={"finetuned_from": job.model_args.model_name_or_path,
+                       "dataset": job.data_args.dataset_name or job.data_args.train_file},
+            latest_checkpoint=job.latest_checkpoint,
+            searcher_config=job.experiment.searcher if job.experiment else None,
+            strict_searcher=not job.is_local)
+        summary = main(det_callback, None, job.model_args, job.data_args, job.training_args)
+        if core_context.distributed.rank == 0:
+            runtime.print_summary(summary, job)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        sys.exit(run(sys.argv[1:]))
+    except UserError as exc:
+        if runtime.is_chief_process():
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

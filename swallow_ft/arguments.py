@@ -1,0 +1,155 @@
+"""Command-line arguments: the seed's dataclasses, parsed with HfArgumentParser.
+
+Flags come from three places, appended in this order so that later ones win (argparse keeps the last
+occurrence): the entrypoint's arguments after `run_clm.py`, `hyperparameters.training_arguments`
+(the Determined searcher's sampled values), and, in local mode, the user's command-line overrides.
+"""
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from swallow_ft.errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "Hub id or local directory of the base model, e.g. tokyotech-llm/Swallow-7b-instruct-v0.1."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer to use when it differs from --model_name_or_path."})
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to keep models downloaded from the Hub (default: HF_HOME)."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "dtype of the loaded base weights (default: follow --bf16/--fp16, else the checkpoint's).",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 or flex_attention."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped in the model repo. Off: Swallow needs none."})
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (peft) on a frozen base instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear."})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset id, e.g. camel-ai/math (on the cluster, or cached)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local json/jsonl/csv/parquet file."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the train split held out for eval when there is no validation split."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the train set (debugging)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the eval set."})
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "Longest tokenised example (default: min(model max length, 2048))."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenising."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the datasets cache."})
+
+
+# Flags that existed in transformers 4 and are gone in 5, with what to do instead.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+REMOVED_FLAGS = {
+    "--overwrite_output_dir": "resuming is decided by Determined on a cluster and by --fresh locally",
+    "--logging_dir": "TensorBoard files go to the Determined TensorBoard path (runs/<name>/tensorboard locally)",
+    "--use_auth_token": "set HF_TOKEN in the environment instead",
+    "--token": "set HF_TOKEN in the environment instead; tokens never belong in flags or hyperparameters",
+}
+DATACLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments)
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # argparse would print the whole usage and exit; one line is enough
+        raise UserError(f"run_clm.py: {message}")
+
+
+def dict2args(hparams: Dict[str, Any]) -> List[str]:
+    """{"learning_rate": 1e-5} -> ["--learning_rate", "1e-5"] (the seed's helper)."""
+    out = []
+    for key, value in hparams.items():
+        out.extend([f"--{key}", str(value)])
+    return out
+
+
+def known_flags() -> List[str]:
+    parser = HfArgumentParser(DATACLASSES)
+    return sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+
+
+def normalize_flags(args: Sequence[str]) -> List[str]:
+    """Map renamed flags to their new names and refuse removed ones with the replacement."""
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in REMOVED_FLAGS:
+            raise UserError(f"{name} no longer exists in transformers 5: remove it ({REMOVED_FLAGS[name]})")
+        out.append(RENAMED_FLAGS.get(name, name) + eq + value)
+    return out
+
+
+def _unknown_flag_error(unknown: Sequence[str]) -> UserError:
+    flags = [a for a in unknown if a.startswith("-")] or list(unknown)
+    hints = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag.split("=")[0], known_flags(), n=1)
+        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    return UserError(f"unknown run_clm.py flag(s): {', '.join(hints)}; `python run_clm.py --help` lists them")
+
+
+def parse_input_arguments(
+    hparams: Dict[str, Any], argv: Optional[Sequence[str]] = None
+) -> Tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    """Parse entrypoint flags plus `hparams["training_arguments"]` into the three dataclasses."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    args.extend(dict2args(hparams.get("training_arguments") or {}))
+    args = normalize_flags(args)
+    if "--deepspeed" in args:
+        args = _apply_dsat_overwrites(args, hparams)
+    try:
+        model_args, data_args, training_args, unknown = _Parser(DATACLASSES).parse_args_into_dataclasses(
+            args, return_remaining_strings=True, look_for_args_file=False)
+    except UserError:
+        raise
+    except ValueError as exc:  # TrainingArguments.__post_init__ rejecting a combination of flags
+        raise UserError(f"invalid training flags: {' '.join(str(exc).split())}") from exc
+    if unknown:
+        raise _unknown_flag_error(unknown)
+    if training_args.gradient_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing works with frozen (LoRA) inputs without enable_input_require_grads.
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if "--include_num_input_tokens_seen" not in args:
+        training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
+    check_arguments(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def _apply_dsat_overwrites(args: List[str], hparams: Dict[str, Any]) -> List[str]:
+    """DSAT (Determined <= 0.37) passes DeepSpeed batch-size overwrites through hparams."""
+    try:
+        from determined.pytorch import dsat
+    except ImportError:  # Determined 0.38 removed DSAT; nothing to overwrite.
+        return args
+    return dsat.get_hf_args_with_overwrites(args, hparams)
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments,
+                    training_args: TrainingArguments) -> None:
+    if not (data_args.dataset_name or data_args.train_file):
+        raise UserError("no training data: pass --dataset_name (Hub) or --train_file (local json/jsonl/csv/parquet)")
+    if model_args.use_lora and model_args.lora_r < 1:
+        raise UserError(f"--lora_r must be >= 1, got {model_args.lora_r}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError("training length is zero: set --max_steps or --num_train_epochs")

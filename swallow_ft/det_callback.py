@@ -1,0 +1,244 @@
+"""DetCallback: connects the Hugging Face Trainer to a Determined Core API context.
+
+Written for this package rather than subclassing `determined.transformers.DetCallback`, which refuses
+to run off-cluster, crashes with ASHA searchers (`required_metrics` is never set) and on resume with
+transformers 5 (`overwrite_output_dir` is gone), strips every speed metric, and only notices
+preemption at logging steps. This one works with the cluster's contexts and with the local ones that
+`swallow_ft.runtime` builds, so the same code path is exercised on a laptop and in the tests.
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import determined as det
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from swallow_ft.errors import UserError
+
+logger = logging.getLogger("swallow_ft.det_callback")
+
+
+def determined_version() -> tuple:
+    return tuple(int(p) for p in det.__version__.split(".")[:2] if p.isdigit())
+
+
+def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> Optional[str]:
+    """Return why the searcher's training length disagrees with the Trainer's, or None.
+
+    Determined 0.38 ASHA searchers count `max_time` in `time_metric` units (batches or epochs) and
+    stop a trial when it reports that much progress; if that differs from --max_steps or
+    --num_train_epochs the search silently trains a different budget than the one it schedules.
+    """
+    if args.max_steps > 0:
+        unit, length, flag = "batches", args.max_steps, "--max_steps"
+    else:
+        unit, length, flag = "epochs", args.num_train_epochs, "--num_train_epochs"
+    name = searcher.get("name")
+    max_length = searcher.get("max_length")
+    if isinstance(max_length, dict) and max_length:
+        search_unit, search_len = next(iter(max_length.items()))
+        if (search_unit, search_len) != (unit, length):
+            return (f"searcher.max_length is {{{search_unit}: {search_len}}} but {flag} gives {unit}={length}; "
+                    f"make them equal (max_length is deprecated on Determined 0.38: prefer max_time/time_metric)")
+    elif isinstance(max_length, int):
+        return f"searcher.max_length needs a unit: use max_length: {{{unit}: {length}}} (or max_time/time_metric)"
+    elif name in ("adaptive_asha", "async_halving"):
+        time_metric, max_time = searcher.get("time_metric"), searcher.get("max_time")
+        if time_metric is None or max_time is None:
+            return (f"searcher {name} on Determined 0.38 needs time_metric and max_time: "
+                    f"use time_metric: {unit} and max_time: {length} (matching {flag})")
+        if time_metric in ("batches", "epochs") and (time_metric, max_time) != (unit, length):
+            return (f"searcher.max_time is {max_time} {time_metric} but {flag} gives {unit}={length}; "
+                    f"set max_time: {length} and time_metric: {unit}, or change {flag}")
+    return None
+
+
+class DetCallback(TrainerCallback):
+    """Report metrics and progress, upload checkpoints, restore, and honour preemption.
+
+    Args:
+        core_context: from `det.core.init()` (cluster) or `swallow_ft.runtime` (local).
+        args: the TrainingArguments given to the Trainer.
+        user_data: small JSON-able dict stored in every checkpoint as `user_data.json`.
+        latest_checkpoint: storage id to resume from; defaults to the cluster's latest checkpoint.
+        searcher_config: the experiment's `searcher` section; defaults to the cluster's.
+        strict_searcher: raise (cluster) rather than warn (local) on a searcher/length mismatch.
+    """
+
+    def __init__(self, core_context: det.core.Context, args: TrainingArguments,
+                 user_data: Optional[Dict[str, Any]] = None, latest_checkpoint: Optional[str] = None,
+                 searcher_config: Optional[Dict[str, Any]] = None, strict_searcher: bool = True) -> None:
+        super().__init__()
+        self.core_context = core_context
+        self.user_data = user_data
+        info = det.get_cluster_info()
+        self.trial_id = info.trial.trial_id if info and info.task_type == "TRIAL" else None
+        if latest_checkpoint is None and self.trial_id is not None:
+            latest_checkpoint = info.latest_checkpoint
+        if searcher_config is None and self.trial_id is not None:
+            searcher_config = info.trial._config.get("searcher")
+        self.searcher_config = searcher_config or {}
+        self.searcher_metric = self.searcher_config.get("metric")
+        self._check_searcher(args, strict_searcher)
+
+        self.resume_from_checkpoint = self._restore(latest_checkpoint, args) if latest_checkpoint else None
+        # Determined <= 0.37 tracks trial progress through searcher operations, and DSAT's
+        # dsat_reporting_context needs the current one; 0.38 replaced them with report_progress.
+        self.current_op = None
+        if determined_version() < (0, 38) and core_context.searcher is not None:
+            self.current_op = next(iter(core_context.searcher.operations()))
+
+        self.last_train_report = self.last_eval_report = self.last_save = -1
+        self.last_progress = 0.0
+        self.preempted = False
+        self.eval_history: List[tuple] = []
+        self.last_storage_id: Optional[str] = None
+        self._tokens_at_last_log = self._tokens_at_start = None
+        self._step_started = 0.0
+        self._step_seconds = self._step_seconds_since_log = 0.0
+
+    # ----- start-up -------------------------------------------------------------------------------
+    def _check_searcher(self, args: TrainingArguments, strict: bool) -> None:
+        problem = check_searcher_length(self.searcher_config, args) if self.searcher_config else None
+        if problem and strict:
+            raise UserError(problem)
+        if problem:
+            logger.warning("%s (ignored locally: the searcher only runs on a cluster)", problem)
+
+    def _restore(self, storage_id: str, args: TrainingArguments) -> str:
+        # A directory of its own, so stale checkpoint-N folders in output_dir are never mistaken
+        # for the one Determined handed us.
+        target = os.path.join(args.output_dir, "restored", storage_id)
+        self.core_context.checkpoint.download(storage_id, target)
+        path = get_last_checkpoint(target)
+        if path is None:
+            raise RuntimeError(f"checkpoint {storage_id} holds no checkpoint-N directory; cannot resume from it")
+        logger.info("resuming from checkpoint %s (%s)", storage_id, path)
+        return path
+
+    # ----- per step -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        self._tokens_at_start = self._tokens_at_last_log = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        elapsed = time.perf_counter() - self._step_started
+        self._step_seconds += elapsed
+        self._step_seconds_since_log += elapsed
+        if state.is_world_process_zero:
+            self._report_progress(args, state)
+        # Every rank asks every step (the chief answers for all), so a preempted trial stops at the
+        # next step boundary with a checkpoint instead of waiting for a logging step.
+        if self.core_context.preempt.should_preempt():
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _report_progress(self, args: TrainingArguments, state: TrainerState) -> None:
+        if args.max_steps > 0:
+            progress = state.global_step / args.max_steps
+        else:
+            progress = (state.epoch or 0.0) / args.num_train_epochs
+        # At most one report per percent: the master rate-limits progress updates.
+        if progress - self.last_progress < 0.01 and progress < 1.0:
+            return
+        self.last_progress = progress
+        if self.current_op is not None:
+            self.current_op.report_progress(state.global_step if args.max_steps > 0 else state.epoch)
+        else:
+            self.core_context.train.report_progress(min(progress, 1.0))
+
+    # ----- metrics --------------------------------------------------------------------------------
+    def on_log(self, args, state: TrainerState, control, logs: Optional[Dict[str, Any]] = None, **kwargs):
+        if not logs:
+            return
+        metrics = {k: v for k, v in logs.items() if k != "epoch" and isinstance(v, (int, float))}
+        metrics["batches"] = state.global_step
+        metrics["epochs"] = state.epoch
+        if any(k.startswith("eval_") for k in logs):
+            self._report_validation(state, metrics)
+        elif not any(k.startswith("test_") for k in logs):
+            self._report_training(args, state, metrics)
+
+    def _report_training(self, args, state: TrainerState, metrics: Dict[str, Any]) -> None:
+        tokens = state.num_input_tokens_seen
+        if self._tokens_at_last_log is not None and self._step_seconds_since_log > 0:
+            per_second = (tokens - self._tokens_at_last_log) / self._step_seconds_since_log
+            metrics["tokens_per_second"] = per_second
+            metrics["tokens_per_second_per_gpu"] = per_second / max(1, args.world_size)
+        self._tokens_at_last_log, self._step_seconds_since_log = tokens, 0.0
+        # The Trainer logs a run summary at the same step as the last in-loop log; the master
+        # keeps one training row per step, so that second report is dropped (as upstream does).
+        if state.global_step == self.last_train_report:
+            return
+        self.last_train_report = state.global_step
+        if state.is_world_process_zero:
+            self.core_context.train.report_metrics(group="training", steps_completed=state.global_step,
+                                                   metrics=metrics)
+
+    def _report_validation(self, state: TrainerState, metrics: Dict[str, Any]) -> None:
+        if state.global_step == self.last_eval_report:
+            return
+        self.last_eval_report = state.global_step
+        if self.searcher_metric and self.searcher_metric not in metrics:
+            raise UserError(f"searcher.metric is {self.searcher_metric!r} but evaluation reports only "
+                            f"{sorted(k for k in metrics if k.startswith('eval_'))}: change searcher.metric")
+        if "eval_loss" in metrics:
+            self.eval_history.append((state.global_step, metrics["eval_loss"]))
+        if state.is_world_process_zero:
+            self.core_context.train.report_metrics(group="validation", steps_completed=state.global_step,
+                                                   metrics=metrics)
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def on_save(self, args: TrainingArguments, state: TrainerState, control, **kwargs):
+        self.last_save = state.global_step
+        folder = f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and self.user_data is not None:
+            with open(os.path.join(args.output_dir, folder, "user_data.json"), "w") as f:
+                json.dump(self.user_data, f)
+        metadata = {"steps_completed": state.global_step}
+        if self.trial_id is not None:
+            metadata["trial_id"] = self.trial_id
+        # shard=True: a collective where every rank uploads the files it wrote (ZeRO-3 writes one
+        # zero_pp_rank_* file per rank, possibly on different nodes) into one checkpoint.
+        self.last_storage_id = self.core_context.checkpoint.upload(
+            args.output_dir, metadata=metadata, shard=True, selector=lambda p: p.startswith(folder + "/"))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if control.should_training_stop:
+            ending = True
+        elif args.max_steps > 0:
+            ending = state.global_step >= args.max_steps
+        else:
+            ending = state.epoch >= args.num_train_epochs
+        if not ending:
+            return
+        # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial.
+        if state.global_step > self.last_eval_report and not self.preempted and args.eval_strategy != "no":
+            control.should_evaluate = True
+        if state.global_step > self.last_save:
+            control.should_save = True
+
+    def on_train_end(self, args, state: TrainerState, control, **kwargs):
+        if self.current_op is not None and not self.preempted and state.is_world_process_zero:
+            metric = self.eval_history[-1][1] if self.eval_history else state.best_metric
+            if metric is not None:
+                self.current_op.report_completed(metric)
+
+    # ----- for people ---------------------------------------------------------------------------
+    def summary(self, state: TrainerState) -> Dict[str, Any]:
+        tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
+        return {
+            "steps_completed": state.global_step,
+            "preempted": self.preempted,
+            "first_eval_loss": self.eval_history[0][1] if self.eval_history else None,
+            "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
+            "checkpoint": self.last_storage_id,
+            "tokens_per_second": tokens / self._step_seconds if self._step_seconds else None,
+        }

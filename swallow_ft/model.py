@@ -1,0 +1,74 @@
+"""Tokenizer and model loading, with LoRA adapters from peft."""
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+
+from swallow_ft.arguments import ModelArguments
+from swallow_ft.errors import UserError
+
+logger = logging.getLogger("swallow_ft.model")
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding with EOS would mask EOS out of the loss and the model would never learn to stop;
+        # Swallow (Llama-2 vocabulary) pads with <unk>, id 0.
+        if tokenizer.unk_token_id is None:
+            raise UserError(f"{model_args.model_name_or_path}: the tokenizer has neither a pad nor an unk token; "
+                            "set tokenizer.pad_token in the tokenizer files to a token that is not EOS")
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments):
+    if model_args.torch_dtype == "auto":
+        return "auto"
+    if model_args.torch_dtype:
+        return getattr(torch, model_args.torch_dtype)
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments):
+    """Load the base model (partitioned at load time under ZeRO-3) and wrap it with LoRA if asked.
+
+    TrainingArguments must exist before this call: with a ZeRO-3 config it registers DeepSpeed's
+    zero.Init, so each rank only ever materialises its own shard of a 70B model in host RAM.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        dtype=resolve_dtype(model_args, training_args), attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code)
+    # The KV cache is for generation; in training it costs memory and breaks packed attention.
+    model.config.use_cache = False
+    if model_args.use_lora:
+        model = add_lora(model, model_args)
+    return model
+
+
+def add_lora(model, model_args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if isinstance(target_modules, list):
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = sorted(set(target_modules) - names)
+        if missing:
+            raise UserError(f"--lora_target_modules: {', '.join(missing)} not in {model.config.model_type} "
+                            f"(its linear layers include q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    config = LoraConfig(task_type="CAUSAL_LM", r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                        lora_dropout=model_args.lora_dropout, target_modules=target_modules)
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", model_args.lora_r, targets,
+                f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model

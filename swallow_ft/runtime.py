@@ -1,0 +1,259 @@
+"""Where a run happens: on a Determined cluster, or locally from the same experiment YAML.
+
+Cluster: the master started us (`det.get_cluster_info()` is set); hyperparameters come from the trial,
+the launcher decides the distributed context, and `det.core.init()` talks to the master.
+
+Local: `python run_clm.py --config EXPERIMENT.yaml [overrides]`. We do the master's part for one
+trial: read the YAML, start `slots_per_trial` processes under torchrun, keep checkpoints in real
+Core API storage under runs/<name>/checkpoints, and resume from the newest one on the next run.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import determined as det
+
+from swallow_ft.arguments import dict2args, parse_input_arguments
+from swallow_ft.errors import UserError
+from swallow_ft.experiment import Experiment
+
+logger = logging.getLogger("swallow_ft.runtime")
+
+LAUNCHED_ENV = "SWALLOW_FT_LAUNCHED"  # set by our torchrun re-launch, so children do not launch again
+
+
+@dataclass
+class Job:
+    """Everything main() needs besides the model: parsed arguments and where things go."""
+
+    model_args: Any
+    data_args: Any
+    training_args: Any
+    hparams: Dict[str, Any]
+    cluster_info: Optional[det.ClusterInfo] = None
+    experiment: Optional[Experiment] = None
+    run_dir: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None
+    latest_checkpoint: Optional[str] = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.cluster_info is None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+
+@dataclass
+class LocalCommand:
+    config: Optional[Path]
+    fresh: bool
+    runs_dir: Path
+    overrides: List[str] = field(default_factory=list)
+
+
+# ----- the cluster ------------------------------------------------------------------------------
+def prepare_cluster(info: det.ClusterInfo, argv: Sequence[str]) -> Job:
+    hparams = info.trial.hparams
+    model_args, data_args, training_args = parse_input_arguments(hparams, argv)
+    return Job(model_args, data_args, training_args, hparams, cluster_info=info)
+
+
+def distributed_context() -> Optional[det.core.DistributedContext]:
+    """The launcher's process layout as a Determined DistributedContext (None for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if "CROSS_RANK" in os.environ:  # set by the deepspeed launcher, not by torchrun
+        return det.core.DistributedContext.from_deepspeed()
+    return det.core.DistributedContext.from_torch_distributed()
+
+
+# ----- local ------------------------------------------------------------------------------------
+def parse_local_command(argv: Sequence[str]) -> LocalCommand:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs"))
+    known, overrides = parser.parse_known_args(list(argv))
+    return LocalCommand(known.config, known.fresh, known.runs_dir, overrides)
+
+
+def local_default_flags() -> List[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    # HF computes world_size=1 on CPU unless use_cpu is set, and NCCL needs GPUs.
+    flags = ["--use_cpu", "true"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        flags += ["--ddp_backend", "gloo"]
+    return flags
+
+
+def local_flags(cmd: LocalCommand, experiment: Optional[Experiment], run_dir: Path) -> List[str]:
+    """Entrypoint flags, then the YAML's training_arguments, then our scratch dir, then overrides."""
+    flags = local_default_flags()
+    if experiment is not None:
+        flags += experiment.script_args()
+        hparams = experiment.hparams_for_local_run(cmd.overrides)
+        flags += dict2args(hparams.get("training_arguments") or {})
+    # output_dir is scratch space, as in a trial container: checkpoints live in the storage dir.
+    return flags + ["--output_dir", str(run_dir / "output")] + cmd.overrides
+
+
+def needs_launcher(experiment: Optional[Experiment], flags: Sequence[str]) -> bool:
+    slots = experiment.slots_per_trial if experiment else 1
+    return slots > 1 or "--deepspeed" in flags
+
+
+def without_deepspeed(flags: Sequence[str]) -> List[str]:
+    """DeepSpeed needs a process group to parse its config; the children check that part."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--deepspeed":
+            skip = True
+        elif not flag.startswith("--deepspeed="):
+            out.append(flag)
+    return out
+
+
+def find_latest_checkpoint(storage_dir: Path) -> Optional[str]:
+    """The storage id of the checkpoint with the most steps (ties: the newest)."""
+    import json
+
+    best = None
+    for meta in Path(storage_dir).glob("*/metadata.json"):
+        try:
+            steps = json.loads(meta.read_text())["steps_completed"]
+        except (ValueError, KeyError):
+            continue  # an upload interrupted before its metadata was complete
+        key = (steps, meta.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, meta.parent.name)
+    return best[1] if best else None
+
+
+def prepare_local(argv: Sequence[str], launched: bool) -> Job:
+    cmd = parse_local_command(argv)
+    experiment = Experiment.load(cmd.config) if cmd.config else None
+    name = experiment.name if experiment else "run_clm"
+    run_dir = cmd.runs_dir / name
+    checkpoint_dir = experiment.local_checkpoint_dir(cmd.runs_dir) if experiment else run_dir / "checkpoints"
+    if experiment and experiment.cluster_only_storage():
+        logger.warning("%s: checkpoint_storage type %s is for the cluster; local checkpoints go to %s",
+                       experiment.path, experiment.cluster_only_storage(), checkpoint_dir)
+    flags = local_flags(cmd, experiment, run_dir)
+    if not launched:
+        # Only the first process touches the run directory: children find it ready.
+        if cmd.fresh:
+            for stale in (checkpoint_dir, run_dir / "metrics.jsonl", run_dir / "tensorboard"):
+                _remove(stale)
+        _remove(run_dir / "output")
+    if not launched and needs_launcher(experiment, flags):
+        parse_input_arguments({}, without_deepspeed(flags))  # fail fast, before starting N processes
+        return Job(None, None, None, {}, experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+    model_args, data_args, training_args = parse_input_arguments({}, flags)
+    return Job(model_args, data_args, training_args, {}, experiment=experiment, run_dir=run_dir,
+               checkpoint_dir=checkpoint_dir, latest_checkpoint=find_latest_checkpoint(checkpoint_dir))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
+    """Run this script again under torchrun with slots_per_trial processes; return its exit code."""
+    nproc = job.experiment.slots_per_trial if job.experiment else 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           script, *[a for a in argv if a != "--fresh"]]
+    logger.info("launching %d processes: %s", nproc, " ".join(cmd))
+    child = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+
+    def forward(signum, _frame):  # torchrun passes it on to every rank, which checkpoint and stop
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def core_context(job: Job) -> Iterator[det.core.Context]:
+    """det.core.init() for the job; locally with metrics files and signal-driven preemption."""
+    from swallow_ft.local_core import LocalTrainContext, SignalPreemptContext, truncate_metrics
+
+    distributed = distributed_context()
+    if not job.is_local:
+        with det.core.init(distributed=distributed) as context:
+            yield context
+        return
+    context = det.core.init(distributed=distributed, checkpoint_storage=str(job.checkpoint_dir.resolve()))
+    context.train = LocalTrainContext(job.metrics_path, job.tensorboard_dir)
+    context.preempt = SignalPreemptContext(context.distributed)
+    if job.latest_checkpoint and context.distributed.rank == 0:
+        steps = _steps_of(job.checkpoint_dir, job.latest_checkpoint)
+        truncate_metrics(job.metrics_path, steps)
+    with context:
+        yield context
+
+
+def _steps_of(storage_dir: Path, storage_id: str) -> int:
+    import json
+
+    return json.loads((storage_dir / storage_id / "metadata.json").read_text())["steps_completed"]
+
+
+def prepare(argv: Sequence[str]) -> Job:
+    info = det.get_cluster_info()
+    if info is not None:
+        if info.task_type != "TRIAL":
+            raise UserError(f"run_clm.py runs as a Determined trial (det experiment create), not as a {info.task_type}")
+        return prepare_cluster(info, argv)
+    return prepare_local(argv, launched=os.environ.get(LAUNCHED_ENV) == "1")
+
+
+def is_chief_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print_summary(summary: Dict[str, Any], job: Job) -> None:
+    def loss(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    tokens = summary["tokens_per_second"]
+    where = (f"{job.checkpoint_dir}/{summary['checkpoint']}" if job.is_local and summary["checkpoint"]
+             else summary["checkpoint"] or "none saved")
+    lines = [
+        "",
+        f"{'Preempted' if summary['preempted'] else 'Finished'} at step {summary['steps_completed']}",
+        f"  eval_loss   first {loss(summary['first_eval_loss'])}  ->  last {loss(summary['last_eval_loss'])}",
+        f"  checkpoint  {where}",
+        f"  throughput  {'n/a' if tokens is None else f'{tokens:,.0f}'} tokens/s (non-padding, training steps only)",
+    ]
+    if job.is_local:
+        lines.append(f"  metrics     {job.metrics_path}  (tensorboard --logdir {job.tensorboard_dir})")
+        if summary["preempted"]:
+            lines.append(f"  resume      rerun the same command: python run_clm.py {' '.join(sys.argv[1:])}")
+    print("\n".join(lines), flush=True)
