@@ -104,8 +104,8 @@ def _unknown_flag_error(unknown: Sequence[str]) -> UserError:
     flags = [a for a in unknown if a.startswith("-")] or list(unknown)
     hints = []
     for flag in flags:
-        close = difflib.get_close_matches(flag.split("=")[0], known_flags(), n=1)
-        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        close = difflib.get_close_matches(flag.split("=")[0], known_flags(), n=2)
+        hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
     return UserError(f"unknown run_clm.py flag(s): {', '.join(hints)}; `python run_clm.py --help` lists them")
 
 

@@ -230,8 +230,24 @@ def prepare(argv: Sequence[str]) -> Job:
     if info is not None:
         if info.task_type != "TRIAL":
             raise UserError(f"run_clm.py runs as a Determined trial (det experiment create), not as a {info.task_type}")
-        return prepare_cluster(info, argv)
-    return prepare_local(argv, launched=os.environ.get(LAUNCHED_ENV) == "1")
+        job = prepare_cluster(info, argv)
+    else:
+        job = prepare_local(argv, launched=os.environ.get(LAUNCHED_ENV) == "1")
+    if job.training_args is not None and job.training_args.deepspeed:
+        _join_deepspeed_comm(job.training_args)
+    return job
+
+
+def _join_deepspeed_comm(training_args) -> None:
+    """Make deepspeed.comm use the process group the Trainer's arguments already created.
+
+    On CPU (use_cpu + gloo) accelerate sets up torch.distributed itself, and DeepSpeed's zero.Init
+    then sees world_size 1 and fails its batch-size check unless deepspeed.comm joins that group.
+    """
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend or "nccl")
 
 
 def is_chief_process() -> bool:
@@ -255,5 +271,6 @@ def print_summary(summary: Dict[str, Any], job: Job) -> None:
     if job.is_local:
         lines.append(f"  metrics     {job.metrics_path}  (tensorboard --logdir {job.tensorboard_dir})")
         if summary["preempted"]:
-            lines.append(f"  resume      rerun the same command: python run_clm.py {' '.join(sys.argv[1:])}")
+            again = " ".join(a for a in sys.argv[1:] if a != "--fresh")
+            lines.append(f"  resume      rerun without --fresh: python run_clm.py {again}")
     print("\n".join(lines), flush=True)

@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   # venv + pinned install + tiny Swallow + a local fine-tune from experiments/local_tiny.yaml
+#   make test   # venv + pinned install + the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install tiny demo test clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): requirements.txt requirements-local.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-local.txt
+	touch $@
+
+tiny: $(INSTALLED)
+	$(PY) -m swallow_ft.tiny
+
+demo: tiny
+	$(PY) run_clm.py --config experiments/local_tiny.yaml --fresh
+
+test: tiny
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,113 @@
+"""Flags and experiment files: what the seed's YAML needs on transformers 5, and clear errors."""
+
+import pytest
+
+from conftest import REPO, run_clm
+from swallow_ft.arguments import dict2args, parse_input_arguments
+from swallow_ft.errors import UserError
+from swallow_ft.experiment import Experiment
+
+BASE = ["--model_name_or_path", "m", "--train_file", "data/camel_math_ja.jsonl", "--output_dir", "out",
+        "--use_cpu", "true"]
+
+
+def test_dict2args_is_the_seeds_helper():
+    assert dict2args({"learning_rate": 1e-5, "lora_r": 8}) == ["--learning_rate", "1e-05", "--lora_r", "8"]
+
+
+def test_hparams_training_arguments_are_appended_and_win():
+    model_args, data_args, training_args = parse_input_arguments(
+        {"training_arguments": {"learning_rate": 3e-4, "lora_alpha": 64}}, BASE + ["--learning_rate", "1"])
+    assert training_args.learning_rate == 3e-4
+    assert model_args.lora_alpha == 64 and model_args.trust_remote_code is False
+    assert data_args.train_file == "data/camel_math_ja.jsonl"
+    assert training_args.include_num_input_tokens_seen == "non_padding"
+    assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_evaluation_strategy_is_an_alias_of_eval_strategy():
+    _, _, training_args = parse_input_arguments({}, BASE + ["--evaluation_strategy", "steps", "--eval_steps", "7"])
+    assert training_args.eval_strategy == "steps" and training_args.eval_steps == 7
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lerning_rate", "1e-4"], r"unknown run_clm.py flag\(s\): --lerning_rate \(did you mean --learning_rate"),
+    (["--overwrite_output_dir"], "--overwrite_output_dir no longer exists in transformers 5: remove it"),
+    (["--token", "hf_abc"], "tokens never belong in flags"),
+    (["--torch_dtype", "float8"], r"argument --torch_dtype/--torch-dtype: invalid choice: 'float8' \(choose from 'auto'"),
+    (["--max_steps", "many"], "argument --max_steps/--max-steps: invalid int value: 'many'"),
+])
+def test_bad_flags_get_one_line_errors(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_input_arguments({}, BASE + flags)
+
+
+def test_missing_data_is_an_error():
+    with pytest.raises(UserError, match="pass --dataset_name"):
+        parse_input_arguments({}, ["--model_name_or_path", "m", "--output_dir", "o", "--use_cpu", "true"])
+
+
+def test_unknown_flag_from_the_command_line_exits_2_with_one_line(tiny_model, tmp_path):
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", tmp_path, "--lora_rank", "8")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown run_clm.py flag(s): --lora_rank (did you mean --local_rank or --lora_r?); "
+        "`python run_clm.py --help` lists them")
+    assert not (tmp_path / "local_tiny" / "checkpoints").exists()
+
+
+def _experiment(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return Experiment.load(path)
+
+
+SEARCH_YAML = """
+name: search
+hyperparameters:
+  deepspeed_config: ds_configs/ds_config_stage_3.json
+  training_arguments:
+    learning_rate: {type: log, base: 10, minval: -5, maxval: -3}
+    lora_r: {type: const, val: 8}
+entrypoint: >-
+  python -m determined.launch.deepspeed
+  python run_clm.py --model_name_or_path m --do_train
+"""
+
+
+def test_searched_hyperparameter_without_override_names_the_flag(tmp_path):
+    experiment = _experiment(tmp_path, SEARCH_YAML)
+    with pytest.raises(UserError, match=r"exp.yaml: hyperparameters.training_arguments.learning_rate is searched "
+                                        r"\(type: log\).*pass --learning_rate VALUE"):
+        experiment.hparams_for_local_run([])
+    hparams = experiment.hparams_for_local_run(["--learning_rate", "1e-4"])
+    assert hparams["training_arguments"] == {"lora_r": 8}  # the override is appended later and wins
+    assert experiment.script_args() == ["--model_name_or_path", "m", "--do_train"]
+    assert experiment.uses_deepspeed_launcher()
+
+
+def test_experiment_file_errors(tmp_path):
+    with pytest.raises(UserError, match="experiment file not found"):
+        Experiment.load(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="entrypoint does not run run_clm.py"):
+        _experiment(tmp_path, "name: x\nentrypoint: python train.py --lr 1\n").script_args()
+    with pytest.raises(UserError, match="slots_per_trial must be a positive integer"):
+        _ = _experiment(tmp_path, "resources: {slots_per_trial: 0}\n").slots_per_trial
+    with pytest.raises(UserError, match="not valid YAML"):
+        _experiment(tmp_path, "name: [unclosed\n")
+
+
+def test_local_storage_follows_the_yaml_when_it_is_a_local_path(tmp_path):
+    shared = _experiment(tmp_path, "name: e\ncheckpoint_storage: {type: shared_fs, host_path: /mnt/ckpt, "
+                                   "storage_path: swallow}\n")
+    assert str(shared.local_checkpoint_dir(tmp_path)) == "/mnt/ckpt/swallow"
+    s3 = _experiment(tmp_path, "name: e\ncheckpoint_storage: {type: s3, bucket: b}\n")
+    assert s3.local_checkpoint_dir(tmp_path) == tmp_path / "e" / "checkpoints"
+    assert s3.cluster_only_storage() == "s3"
+
+
+def test_shipped_local_experiments_parse(tmp_path):
+    for name in ("local_tiny.yaml", "local_tiny_ds3.yaml"):
+        experiment = Experiment.load(REPO / "experiments" / name)
+        assert "--use_lora" in experiment.script_args()
+    assert Experiment.load(REPO / "experiments/local_tiny_ds3.yaml").slots_per_trial == 2

@@ -1,0 +1,140 @@
+"""The on-cluster branch, run in-process with a faked ClusterInfo over the real Core API local contexts.
+
+No Determined master runs here. `det._info._info` is set to a ClusterInfo the way the upstream harness
+tests do, and `det.core.init` is pointed at Determined's own off-cluster context builder (real
+shared-fs checkpoint storage, real searcher/preempt contexts), with our metrics file standing in
+for the master's metric store.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import determined as det
+import pytest
+from determined import core
+
+import run_clm
+from conftest import REPO, checkpoint_steps, read_metrics
+from swallow_ft import det_callback, runtime
+from swallow_ft.errors import UserError
+from swallow_ft.local_core import LocalTrainContext
+
+
+@pytest.fixture
+def cluster(monkeypatch, tmp_path):
+    """Returns fake(hparams, searcher, latest_checkpoint) which makes this process 'on-cluster'."""
+    storage = tmp_path / "storage"
+
+    def init(distributed=None, **_):
+        context = core._dummy_init(distributed=distributed, checkpoint_storage=str(storage))
+        context.train = LocalTrainContext(tmp_path / "reported.jsonl", tmp_path / "tb")
+        return context
+
+    monkeypatch.setattr(det.core, "init", init)
+
+    def fake(hparams, searcher, latest_checkpoint=None):
+        trial = det.TrialInfo(trial_id=7, experiment_id=3, trial_seed=0, hparams=hparams,
+                              config={"searcher": searcher, "hyperparameters": hparams},
+                              steps_completed=0, trial_run_id=1, debug=False, inter_node_network_interface=None)
+        det._info._info = det.ClusterInfo(
+            master_url="http://master.invalid:8080", cluster_id="c", agent_id="agent", slot_ids=[0],
+            task_id="3.7", allocation_id="3.7.1", session_token="t", task_type="TRIAL",
+            latest_checkpoint=latest_checkpoint, trial_info=trial)
+        return storage
+
+    yield fake
+    det._info._info = None
+
+
+def entrypoint(tiny_model, tmp_path, max_steps=10):
+    return ["--model_name_or_path", str(tiny_model), "--train_file", str(REPO / "data/camel_math_ja.jsonl"),
+            "--use_lora", "--do_train", "--do_eval", "--max_steps", str(max_steps), "--eval_strategy", "steps",
+            "--eval_steps", "10", "--save_steps", "10", "--logging_steps", "5", "--per_device_train_batch_size", "8",
+            "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--seed", "1"]
+
+
+SINGLE = {"name": "single", "metric": "eval_loss", "max_length": {"batches": 10}}
+
+
+def test_cluster_hparams_become_flags(cluster, tiny_model, tmp_path):
+    cluster({"training_arguments": {"learning_rate": 0.002, "lora_r": 4}}, SINGLE)
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path) + ["--evaluation_strategy", "steps"])
+    assert job.cluster_info is not None and not job.is_local
+    assert job.training_args.learning_rate == 0.002
+    assert job.model_args.lora_r == 4
+    assert job.training_args.eval_strategy == "steps"
+
+
+def test_cluster_trial_trains_then_restores_latest_checkpoint(cluster, tiny_model, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="swallow_ft")
+    storage = cluster({"training_arguments": {"learning_rate": 0.003}}, SINGLE)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
+    (first_id, first_step), = checkpoint_steps(storage).items()
+    assert first_step == 10
+    metadata = json.loads((storage / first_id / "metadata.json").read_text())
+    assert metadata["trial_id"] == 7
+
+    # The master restarts the trial (e.g. after preemption) with a longer budget and the latest
+    # checkpoint: training must continue from step 10, in a fresh container's output_dir.
+    searcher = {"name": "single", "metric": "eval_loss", "max_length": {"batches": 20}}
+    cluster({"training_arguments": {"learning_rate": 0.003}}, searcher, latest_checkpoint=first_id)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path / "second", max_steps=20)) == 0
+    assert f"resuming from checkpoint {first_id}" in caplog.text
+    assert sorted(checkpoint_steps(storage).values()) == [10, 20]
+    reported = read_metrics(tmp_path / "reported.jsonl")
+    second_run = [r["steps_completed"] for r in reported if r["group"] == "training"][2:]
+    assert second_run == [15, 20]  # nothing before the restored step was trained again
+
+
+@pytest.mark.parametrize("searcher, problem", [
+    ({"name": "adaptive_asha", "metric": "eval_loss", "time_metric": "batches", "max_time": 10, "max_trials": 4},
+     None),
+    ({"name": "adaptive_asha", "metric": "eval_loss", "time_metric": "batches", "max_time": 100, "max_trials": 4},
+     "searcher.max_time is 100 batches but --max_steps gives batches=10"),
+    ({"name": "adaptive_asha", "metric": "eval_loss", "max_trials": 4},
+     "needs time_metric and max_time: use time_metric: batches and max_time: 10"),
+    ({"name": "single", "metric": "eval_loss", "max_length": {"batches": 50}},
+     "searcher.max_length is {batches: 50} but --max_steps gives batches=10"),
+])
+def test_cluster_searcher_length_checks(cluster, tiny_model, tmp_path, searcher, problem):
+    cluster({}, searcher)
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path))
+    with runtime.core_context(job) as context:
+        if problem is None:  # upstream crashes here with AttributeError: required_metrics
+            callback = det_callback.DetCallback(context, job.training_args)
+            assert callback.searcher_metric == "eval_loss"
+        else:
+            with pytest.raises(UserError, match=problem.replace("{", r"\{").replace("}", r"\}")):
+                det_callback.DetCallback(context, job.training_args)
+
+
+def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_path, monkeypatch, caplog):
+    """Determined <= 0.37: progress and the final metric go through the searcher operation."""
+    monkeypatch.setattr(det_callback, "determined_version", lambda: (0, 37))
+    caplog.set_level(logging.INFO, logger="determined.core")
+    cluster({}, SINGLE)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
+    assert "progress report: 10/1" in caplog.text
+    assert "SearcherOperation Complete: searcher_metric=" in caplog.text
+
+
+def test_cluster_refuses_non_trial_tasks(cluster):
+    cluster({}, SINGLE)
+    det._info._info.task_type = "NOTEBOOK"
+    with pytest.raises(UserError, match="runs as a Determined trial"):
+        runtime.prepare([])
+
+
+def test_searcher_metric_must_be_reported(cluster, tiny_model, tmp_path):
+    cluster({}, {"name": "single", "metric": "eval_accuracy", "max_length": {"batches": 10}})
+    with pytest.raises(UserError, match="searcher.metric is 'eval_accuracy'"):
+        run_clm.run(entrypoint(tiny_model, tmp_path))
+
+
+def test_det_callback_is_ours_not_upstreams():
+    import hf_callback
+    from determined.transformers import DetCallback as Upstream
+
+    assert not issubclass(hf_callback.DetCallback, Upstream)
+    assert Path(hf_callback.__file__).parent == REPO

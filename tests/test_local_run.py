@@ -1,0 +1,110 @@
+"""Local mode end to end: the experiment YAML trains tiny Swallow through real Core API contexts."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, checkpoint_steps, read_metrics, run_clm
+
+CONFIG = "experiments/local_tiny.yaml"
+
+
+def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
+    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "local_tiny"
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    training = [r for r in rows if r["group"] == "training"]
+    validation = [r for r in rows if r["group"] == "validation"]
+    assert [r["steps_completed"] for r in training] == [10, 20, 30, 40, 50, 60]
+    assert [r["steps_completed"] for r in validation] == [20, 40, 60]
+    assert training[-1]["loss"] < 0.85 * training[0]["loss"]
+    assert validation[-1]["eval_loss"] < validation[0]["eval_loss"]
+    # Speed metrics survive (upstream's callback strips them) and ours are non-padding tokens/s.
+    assert all(r["tokens_per_second"] > 0 for r in training)
+    assert "train_tokens_per_second" in training[0]
+
+    steps = checkpoint_steps(run_dir / "checkpoints")
+    assert sorted(steps.values()) == [20, 40, 60]
+    final = next(sid for sid, s in steps.items() if s == 60)
+    ckpt = run_dir / "checkpoints" / final / "checkpoint-60"
+    assert (ckpt / "adapter_model.safetensors").stat().st_size > 0
+    assert (ckpt / "trainer_state.json").exists() and (ckpt / "user_data.json").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    assert "Finished at step 60" in result.stdout
+    assert f"checkpoints/{final}" in result.stdout
+    assert re.search(r"throughput\s+[\d,]+ tokens/s", result.stdout)
+
+
+def _start(args, log):
+    return subprocess.Popen([sys.executable, "run_clm.py", *map(str, args)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(storage, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not checkpoint_steps(storage):
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
+def _resumed_step(output):
+    match = re.search(r"resuming from checkpoint \S+ \(.*checkpoint-(\d+)\)", output)
+    assert match, output[-3000:]
+    return int(match.group(1))
+
+
+def test_sigkill_then_rerun_resumes_from_the_saved_step(tiny_model, tmp_path):
+    args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 300, "--save_steps", 10]
+    storage = tmp_path / "local_tiny" / "checkpoints"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for_checkpoint(storage, proc)
+        proc.kill()  # no chance to save or clean up
+        proc.wait()
+    saved = max(checkpoint_steps(storage).values())
+    assert saved < 300
+
+    result = run_clm(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _resumed_step(result.stderr) == saved
+    assert "Finished at step 300" in result.stdout
+    training = [r["steps_completed"] for r in read_metrics(tmp_path / "local_tiny" / "metrics.jsonl")
+                if r["group"] == "training"]
+    # Rows after the restored checkpoint were dropped, then training went on: no duplicate steps.
+    assert training == sorted(set(training)) and training[-1] == 300
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
+    args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 400]
+    storage = tmp_path / "local_tiny" / "checkpoints"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for_checkpoint(storage, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    output = (tmp_path / "first.log").read_text()
+    stopped = int(re.search(r"Preempted at step (\d+)", output).group(1))
+    assert stopped < 400
+    # The save happened at the step boundary where training stopped, not at the last save_steps.
+    assert max(checkpoint_steps(storage).values()) == stopped
+    assert "rerun without --fresh" in output
+
+    result = run_clm(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _resumed_step(result.stderr) == stopped
+    assert "Finished at step 400" in result.stdout
+
+
+def test_fresh_starts_over(tiny_model, tmp_path):
+    args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 20, "--eval_steps", 10]
+    assert run_clm(*args).returncode == 0
+    result = run_clm(*args, "--max_steps", 10, "--fresh")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" not in result.stderr
+    assert sorted(checkpoint_steps(tmp_path / "local_tiny" / "checkpoints").values()) == [10]
