@@ -1,9 +1,10 @@
 """Core API contexts for local runs, layered on Determined's own off-cluster ("dummy") contexts.
 
 `det.core.init()` off a cluster already gives real checkpoint storage (a shared-fs storage manager)
-and a distributed context; what it lacks is somewhere to put metrics and a way to be preempted.
-These two subclasses add that: metrics go to `metrics.jsonl` and TensorBoard, and SIGTERM/SIGINT
-act like a Determined preemption.
+and a distributed context. What it lacks is the master's bookkeeping, which these subclasses add:
+metrics go to `metrics.jsonl` and TensorBoard; finished checkpoints are registered in
+`checkpoints.jsonl` and garbage-collected by the experiment's retention policy; SIGTERM/SIGINT act
+like a Determined preemption.
 """
 
 import json
@@ -25,11 +26,14 @@ class LocalTrainContext(core.DummyTrainContext):
         super().__init__(tensorboard_path=tensorboard_dir)
         self.metrics_path = Path(metrics_path)
         self._writer = None
+        self.validation: Dict[int, Dict[str, Any]] = {}
 
     def _report_trial_metrics(self, group: str, steps_completed: int, metrics: Dict[str, Any],
                               batch_metrics: Optional[List[Dict[str, Any]]] = None) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         row = {"group": group, "steps_completed": steps_completed, **metrics}
+        if group == "validation":
+            self.validation[steps_completed] = metrics
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=float) + "\n")
         if self._writer is None:
@@ -45,16 +49,80 @@ class LocalTrainContext(core.DummyTrainContext):
         logger.debug("progress %.0f%%", 100 * progress)
 
 
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Replace the file atomically: a crash leaves the old version, never half of a new one."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
 def truncate_metrics(metrics_path: Path, steps_completed: int) -> None:
     """Drop rows reported after the checkpoint we resume from, as the master does on a restart."""
-    path = Path(metrics_path)
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["steps_completed"] <= steps_completed]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    if Path(metrics_path).exists():
+        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["steps_completed"] <= steps_completed])
+
+
+def latest_checkpoint(registry_path: Path) -> Optional[Dict[str, Any]]:
+    """The registered checkpoint with the most steps (the last registered wins a tie)."""
+    rows = read_jsonl(registry_path)
+    return max(reversed(rows), key=lambda r: r["steps_completed"]) if rows else None
+
+
+class LocalCheckpointContext(core.DummyCheckpointContext):
+    """Registers finished checkpoints and applies the experiment's retention policy.
+
+    An upload only counts once every rank has finished it and the chief reports it, exactly where
+    the master would be told, so a process killed mid-upload leaves an unregistered directory that
+    resuming ignores.
+    """
+
+    def __init__(self, dist: core.DistributedContext, storage_manager, registry_path: Path,
+                 train: LocalTrainContext, searcher: Dict[str, Any], storage_config: Dict[str, Any]) -> None:
+        super().__init__(dist, storage_manager)
+        self.registry_path = Path(registry_path)
+        self._train = train
+        self._metric = searcher.get("metric")
+        self._smaller_is_better = searcher.get("smaller_is_better", True)
+        self._keep_latest = _count(storage_config, "save_trial_latest", 1)
+        self._keep_best = max(_count(storage_config, "save_trial_best", 1),
+                              _count(storage_config, "save_experiment_best", 0))
+
+    def _report_checkpoint(self, storage_id: str, resources: Optional[Dict[str, int]] = None,
+                           metadata: Optional[Dict[str, Any]] = None) -> None:
+        steps = (metadata or {}).get("steps_completed", 0)
+        value = self._train.validation.get(steps, {}).get(self._metric) if self._metric else None
+        rows = read_jsonl(self.registry_path) + [
+            {"storage_id": storage_id, "steps_completed": steps, "searcher_metric": value}]
+        self.registry_path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(self.registry_path, rows)
+        logger.info("checkpoint %s saved at step %d", storage_id, steps)
+        self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        rows = read_jsonl(self.registry_path)
+        keep = {r["storage_id"] for r in sorted(rows, key=lambda r: r["steps_completed"])[-self._keep_latest:]}
+        if not self._keep_latest:
+            keep = set()
+        scored = [r for r in rows if r["searcher_metric"] is not None]
+        scored.sort(key=lambda r: r["searcher_metric"], reverse=not self._smaller_is_better)
+        keep |= {r["storage_id"] for r in scored[:self._keep_best]}
+        keep.add(latest_checkpoint(self.registry_path)["storage_id"])  # never delete what we resume from
+        for row in rows:
+            if row["storage_id"] not in keep:
+                self._storage_manager.delete(row["storage_id"], ["**/*"])
+        write_jsonl(self.registry_path, [r for r in rows if r["storage_id"] in keep])
+
+
+def _count(storage_config: Dict[str, Any], key: str, default: int) -> int:
+    value = storage_config.get(key)
+    return default if value is None else int(value)
 
 
 class SignalPreemptContext(core.DummyPreemptContext):

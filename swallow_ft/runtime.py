@@ -25,6 +25,8 @@ import determined as det
 from swallow_ft.arguments import dict2args, parse_input_arguments
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
+from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
+                                   latest_checkpoint, read_jsonl, truncate_metrics)
 
 logger = logging.getLogger("swallow_ft.runtime")
 
@@ -56,6 +58,10 @@ class Job:
     @property
     def tensorboard_dir(self) -> Path:
         return self.run_dir / "tensorboard"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.run_dir / "checkpoints.jsonl"
 
 
 @dataclass
@@ -133,22 +139,6 @@ def without_deepspeed(flags: Sequence[str]) -> List[str]:
     return out
 
 
-def find_latest_checkpoint(storage_dir: Path) -> Optional[str]:
-    """The storage id of the checkpoint with the most steps (ties: the newest)."""
-    import json
-
-    best = None
-    for meta in Path(storage_dir).glob("*/metadata.json"):
-        try:
-            steps = json.loads(meta.read_text())["steps_completed"]
-        except (ValueError, KeyError):
-            continue  # an upload interrupted before its metadata was complete
-        key = (steps, meta.stat().st_mtime)
-        if best is None or key > best[0]:
-            best = (key, meta.parent.name)
-    return best[1] if best else None
-
-
 def prepare_local(argv: Sequence[str], launched: bool) -> Job:
     cmd = parse_local_command(argv)
     experiment = Experiment.load(cmd.config) if cmd.config else None
@@ -159,18 +149,30 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
         logger.warning("%s: checkpoint_storage type %s is for the cluster; local checkpoints go to %s",
                        experiment.path, experiment.cluster_only_storage(), checkpoint_dir)
     flags = local_flags(cmd, experiment, run_dir)
+    job = Job(None, None, None, {}, experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
     if not launched:
         # Only the first process touches the run directory: children find it ready.
         if cmd.fresh:
-            for stale in (checkpoint_dir, run_dir / "metrics.jsonl", run_dir / "tensorboard"):
-                _remove(stale)
+            start_over(job)
         _remove(run_dir / "output")
     if not launched and needs_launcher(experiment, flags):
         parse_input_arguments({}, without_deepspeed(flags))  # fail fast, before starting N processes
-        return Job(None, None, None, {}, experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
-    model_args, data_args, training_args = parse_input_arguments({}, flags)
-    return Job(model_args, data_args, training_args, {}, experiment=experiment, run_dir=run_dir,
-               checkpoint_dir=checkpoint_dir, latest_checkpoint=find_latest_checkpoint(checkpoint_dir))
+        return job
+    job.model_args, job.data_args, job.training_args = parse_input_arguments({}, flags)
+    latest = latest_checkpoint(job.registry_path)
+    job.latest_checkpoint = latest["storage_id"] if latest else None
+    return job
+
+
+def start_over(job: Job) -> None:
+    """--fresh: forget this experiment's checkpoints and metrics (and only this experiment's)."""
+    if job.checkpoint_dir == job.run_dir / "checkpoints":
+        _remove(job.checkpoint_dir)  # our own directory
+    else:  # storage named by the YAML may hold other experiments' checkpoints too
+        for row in read_jsonl(job.registry_path):
+            _remove(job.checkpoint_dir / row["storage_id"])
+    for stale in (job.registry_path, job.metrics_path, job.tensorboard_dir):
+        _remove(stale)
 
 
 def _remove(path: Path) -> None:
@@ -201,28 +203,26 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
 
 @contextmanager
 def core_context(job: Job) -> Iterator[det.core.Context]:
-    """det.core.init() for the job; locally with metrics files and signal-driven preemption."""
-    from swallow_ft.local_core import LocalTrainContext, SignalPreemptContext, truncate_metrics
-
+    """det.core.init() for the job; locally with the master's bookkeeping done by local_core."""
     distributed = distributed_context()
     if not job.is_local:
         with det.core.init(distributed=distributed) as context:
             yield context
         return
+    # The Trainer already prints every metric; Determined's echo of each report is noise locally.
+    logging.getLogger("determined.core").setLevel(logging.WARNING)
     context = det.core.init(distributed=distributed, checkpoint_storage=str(job.checkpoint_dir.resolve()))
     context.train = LocalTrainContext(job.metrics_path, job.tensorboard_dir)
+    experiment_config = job.experiment.config if job.experiment else {}
+    context.checkpoint = LocalCheckpointContext(
+        context.distributed, context.checkpoint._storage_manager, job.registry_path, context.train,
+        searcher=experiment_config.get("searcher") or {},
+        storage_config=experiment_config.get("checkpoint_storage") or {})
     context.preempt = SignalPreemptContext(context.distributed)
     if job.latest_checkpoint and context.distributed.rank == 0:
-        steps = _steps_of(job.checkpoint_dir, job.latest_checkpoint)
-        truncate_metrics(job.metrics_path, steps)
+        truncate_metrics(job.metrics_path, latest_checkpoint(job.registry_path)["steps_completed"])
     with context:
         yield context
-
-
-def _steps_of(storage_dir: Path, storage_id: str) -> int:
-    import json
-
-    return json.loads((storage_dir / storage_id / "metadata.json").read_text())["steps_completed"]
 
 
 def prepare(argv: Sequence[str]) -> Job:

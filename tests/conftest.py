@@ -32,3 +32,9 @@ def checkpoint_steps(storage_dir):
     """{storage_id: steps_completed} for every finished checkpoint in a storage dir."""
     return {meta.parent.name: json.loads(meta.read_text())["steps_completed"]
             for meta in Path(storage_dir).glob("*/metadata.json")}
+
+
+def registered_steps(run_dir):
+    """{storage_id: steps_completed} for the checkpoints a local run registered (as the master would)."""
+    return {r["storage_id"]: r["steps_completed"] for r in read_metrics(Path(run_dir) / "checkpoints.jsonl")} \
+        if (Path(run_dir) / "checkpoints.jsonl").exists() else {}

@@ -111,3 +111,24 @@ def test_shipped_local_experiments_parse(tmp_path):
         experiment = Experiment.load(REPO / "experiments" / name)
         assert "--use_lora" in experiment.script_args()
     assert Experiment.load(REPO / "experiments/local_tiny_ds3.yaml").slots_per_trial == 2
+
+
+def test_the_70b_experiment_parses_and_its_searcher_matches_max_steps():
+    import json
+
+    from swallow_ft.det_callback import check_searcher_length
+    from swallow_ft.runtime import without_deepspeed
+
+    experiment = Experiment.load(REPO / "swallow_70b_ds3.yaml")
+    assert experiment.uses_deepspeed_launcher() and experiment.slots_per_trial == 4
+    args = experiment.script_args()
+    ds_config = json.loads((REPO / args[args.index("--deepspeed") + 1]).read_text())
+    assert ds_config["zero_optimization"]["stage"] == 3
+    assert ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # The cluster hands the trial these hparams; DeepSpeed itself needs the GPUs' process group.
+    hparams = experiment.hparams_for_local_run([])
+    model_args, data_args, training_args = parse_input_arguments(
+        hparams, without_deepspeed(args) + ["--use_cpu", "true"])
+    assert model_args.use_lora and training_args.bf16 and training_args.eval_strategy == "steps"
+    assert data_args.dataset_name == "camel-ai/math"
+    assert check_searcher_length(experiment.searcher, training_args) is None

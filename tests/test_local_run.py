@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, checkpoint_steps, read_metrics, run_clm
+from conftest import REPO, checkpoint_steps, read_metrics, registered_steps, run_clm
 
 CONFIG = "experiments/local_tiny.yaml"
 
@@ -27,9 +27,10 @@ def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
     assert all(r["tokens_per_second"] > 0 for r in training)
     assert "train_tokens_per_second" in training[0]
 
+    # Checkpoints at 20 and 40 were collected by the default retention (latest 1, best 1).
     steps = checkpoint_steps(run_dir / "checkpoints")
-    assert sorted(steps.values()) == [20, 40, 60]
-    final = next(sid for sid, s in steps.items() if s == 60)
+    assert list(steps.values()) == [60] and registered_steps(run_dir) == steps
+    final = next(iter(steps))
     ckpt = run_dir / "checkpoints" / final / "checkpoint-60"
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 0
     assert (ckpt / "trainer_state.json").exists() and (ckpt / "user_data.json").exists()
@@ -45,9 +46,9 @@ def _start(args, log):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(storage, proc, timeout=300):
+def _wait_for_checkpoint(run_dir, proc, timeout=300):
     deadline = time.time() + timeout
-    while not checkpoint_steps(storage):
+    while not registered_steps(run_dir):
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
@@ -61,13 +62,13 @@ def _resumed_step(output):
 
 def test_sigkill_then_rerun_resumes_from_the_saved_step(tiny_model, tmp_path):
     args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 300, "--save_steps", 10]
-    storage = tmp_path / "local_tiny" / "checkpoints"
+    run_dir = tmp_path / "local_tiny"
     with open(tmp_path / "first.log", "w") as log:
         proc = _start(args, log)
-        _wait_for_checkpoint(storage, proc)
+        _wait_for_checkpoint(run_dir, proc)
         proc.kill()  # no chance to save or clean up
         proc.wait()
-    saved = max(checkpoint_steps(storage).values())
+    saved = max(registered_steps(run_dir).values())
     assert saved < 300
 
     result = run_clm(*args)
@@ -82,17 +83,17 @@ def test_sigkill_then_rerun_resumes_from_the_saved_step(tiny_model, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
     args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 400]
-    storage = tmp_path / "local_tiny" / "checkpoints"
+    run_dir = tmp_path / "local_tiny"
     with open(tmp_path / "first.log", "w") as log:
         proc = _start(args, log)
-        _wait_for_checkpoint(storage, proc)
+        _wait_for_checkpoint(run_dir, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     output = (tmp_path / "first.log").read_text()
     stopped = int(re.search(r"Preempted at step (\d+)", output).group(1))
     assert stopped < 400
     # The save happened at the step boundary where training stopped, not at the last save_steps.
-    assert max(checkpoint_steps(storage).values()) == stopped
+    assert max(registered_steps(run_dir).values()) == stopped
     assert "rerun without --fresh" in output
 
     result = run_clm(*args)

@@ -1,0 +1,88 @@
+"""The master's bookkeeping done locally: checkpoint registry, retention, metric truncation, preemption."""
+
+import json
+import os
+import signal
+
+import pytest
+from determined import core
+from determined.common.storage import SharedFSStorageManager
+
+from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
+                                   latest_checkpoint, read_jsonl, truncate_metrics)
+
+
+def _context(tmp_path, storage_config, searcher=None):
+    storage = tmp_path / "storage"
+    storage.mkdir(exist_ok=True)
+    train = LocalTrainContext(tmp_path / "metrics.jsonl", tmp_path / "tb")
+    ckpt = LocalCheckpointContext(core.DummyDistributedContext(), SharedFSStorageManager(str(storage)),
+                                  tmp_path / "checkpoints.jsonl", train,
+                                  searcher=searcher or {"metric": "eval_loss", "smaller_is_better": True},
+                                  storage_config=storage_config)
+    return train, ckpt, storage
+
+
+def _save(tmp_path, train, ckpt, step, eval_loss):
+    train.report_metrics(group="validation", steps_completed=step, metrics={"eval_loss": eval_loss})
+    src = tmp_path / "out" / f"checkpoint-{step}"
+    src.mkdir(parents=True)
+    (src / "weights.bin").write_bytes(b"x" * step)
+    return ckpt.upload(str(tmp_path / "out"), metadata={"steps_completed": step}, shard=True,
+                       selector=lambda p: p.startswith(f"checkpoint-{step}/"))
+
+
+def test_retention_keeps_latest_and_best_like_the_master(tmp_path):
+    train, ckpt, storage = _context(tmp_path, {"save_trial_latest": 1, "save_trial_best": 1})
+    ids = {step: _save(tmp_path, train, ckpt, step, loss) for step, loss in [(10, 2.0), (20, 1.5), (30, 1.7)]}
+    assert sorted(p.name for p in storage.iterdir()) == sorted([ids[20], ids[30]])  # best and latest
+    assert latest_checkpoint(tmp_path / "checkpoints.jsonl")["storage_id"] == ids[30]
+    registry = read_jsonl(tmp_path / "checkpoints.jsonl")
+    assert {r["storage_id"]: r["searcher_metric"] for r in registry} == {ids[20]: 1.5, ids[30]: 1.7}
+    assert json.loads((storage / ids[30] / "metadata.json").read_text()) == {"steps_completed": 30}
+
+
+def test_retention_respects_larger_counts_and_bigger_is_better(tmp_path):
+    train, ckpt, storage = _context(tmp_path, {"save_trial_latest": 2, "save_trial_best": 1},
+                                    searcher={"metric": "eval_loss", "smaller_is_better": False})
+    ids = {step: _save(tmp_path, train, ckpt, step, loss) for step, loss in [(10, 9.0), (20, 1.0), (30, 2.0)]}
+    assert sorted(p.name for p in storage.iterdir()) == sorted([ids[10], ids[20], ids[30]])
+    _save(tmp_path, train, ckpt, 40, 3.0)
+    assert ids[20] not in {p.name for p in storage.iterdir()}
+
+
+def test_truncate_metrics_drops_rows_after_the_restored_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"group": "training", "steps_completed": s}) + "\n" for s in (10, 20, 30)))
+    truncate_metrics(path, 20)
+    assert [r["steps_completed"] for r in read_jsonl(path)] == [10, 20]
+
+
+def test_tensorboard_gets_the_same_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = LocalTrainContext(tmp_path / "m.jsonl", tmp_path / "tb")
+    train.report_metrics(group="training", steps_completed=5, metrics={"loss": 1.25, "note": "skipped"})
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("training/loss")] == [(5, 1.25)]
+
+
+def test_signals_become_preemption_and_handlers_are_restored(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    preempt = SignalPreemptContext(core.DummyDistributedContext()).start()
+    assert preempt.should_preempt() is False
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preempt.should_preempt() is True
+    preempt.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_second_ctrl_c_aborts(tmp_path):
+    preempt = SignalPreemptContext(core.DummyDistributedContext()).start()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        preempt.close()
