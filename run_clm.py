@@ -18,8 +18,6 @@ from swallow_ft.data import build_collator, build_datasets
 from swallow_ft.errors import UserError
 from swallow_ft.model import load_model, load_tokenizer
 
-logger = logging.getLogger("run_clm")
-
 
 def main(det_callback, tb_callback, model_args, data_args, training_args):
     tokenizer = load_tokenizer(model_args)
@@ -34,7 +32,8 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
         data_collator=build_collator(tokenizer),
         callbacks=[det_callback] + ([tb_callback] if tb_callback else []),
     )
-    trainer.train(resume_from_checkpoint=det_callback.resume_from_checkpoint)
+    with det_callback.dsat_reporting():
+        trainer.train(resume_from_checkpoint=det_callback.resume_from_checkpoint)
     return det_callback.summary(trainer.state)
 
 

@@ -7,6 +7,7 @@ preemption at logging steps. This one works with the cluster's contexts and with
 `swallow_ft.runtime` builds, so the same code path is exercised on a laptop and in the tests.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -230,6 +231,16 @@ class DetCallback(TrainerCallback):
             metric = self.eval_history[-1][1] if self.eval_history else state.best_metric
             if metric is not None:
                 self.current_op.report_completed(metric)
+
+    def dsat_reporting(self):
+        """Wrap trainer.train() in this: DSAT (Determined <= 0.37) collects each trial's result here."""
+        try:
+            from determined.pytorch import dsat
+        except ImportError:  # Determined 0.38 removed DSAT
+            return contextlib.nullcontext()
+        if self.current_op is None:
+            return contextlib.nullcontext()
+        return dsat.dsat_reporting_context(self.core_context, op=self.current_op)
 
     # ----- for people ---------------------------------------------------------------------------
     def summary(self, state: TrainerState) -> Dict[str, Any]:

@@ -126,11 +126,17 @@ def _count(storage_config: Dict[str, Any], key: str, default: int) -> int:
 
 
 class SignalPreemptContext(core.DummyPreemptContext):
-    """Treat SIGTERM/SIGINT like the master's preemption signal; a second SIGINT aborts."""
+    """Treat SIGTERM/SIGINT like the master's preemption signal; a second SIGINT aborts.
 
-    def __init__(self, dist: core.DistributedContext) -> None:
+    Ranks started by our torchrun re-launch are told through `flag_file` instead: the launcher
+    runs in its own session, so a signal meant for the job never reaches torchrun, which would
+    otherwise kill the ranks 30 s later, mid-save.
+    """
+
+    def __init__(self, dist: core.DistributedContext, flag_file: Optional[Path] = None) -> None:
         super().__init__(dist, core.PreemptMode.WorkersAskChief)
         self.signalled = False
+        self.flag_file = Path(flag_file) if flag_file else None
         self._previous = {}
 
     def start(self) -> "SignalPreemptContext":
@@ -158,6 +164,7 @@ class SignalPreemptContext(core.DummyPreemptContext):
     def should_preempt(self, auto_ack: bool = True) -> bool:
         # Only the chief's answer counts, and it is broadcast, so all ranks stop at the same step
         # even when the signal reaches them at slightly different times.
-        if self._dist.size == 1:
-            return self.signalled
-        return bool(self._dist.broadcast(self.signalled if self._dist.rank == 0 else None))
+        answer = None
+        if self._dist.rank == 0:
+            answer = self.signalled or bool(self.flag_file and self.flag_file.exists())
+        return bool(answer if self._dist.size == 1 else self._dist.broadcast(answer))

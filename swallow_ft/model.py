@@ -1,6 +1,7 @@
 """Tokenizer and model loading, with LoRA adapters from peft."""
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
@@ -11,7 +12,15 @@ from swallow_ft.errors import UserError
 logger = logging.getLogger("swallow_ft.model")
 
 
+def check_local_model_path(name: str) -> None:
+    """A path that does not exist would otherwise be sent to the Hub as a repo id."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        hint = " (run `make tiny` to build it)" if "tiny-swallow" in name else ""
+        raise UserError(f"--model_name_or_path {name}: no such directory{hint}")
+
+
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    check_local_model_path(model_args.tokenizer_name or model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)

@@ -31,6 +31,7 @@ from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, Si
 logger = logging.getLogger("swallow_ft.runtime")
 
 LAUNCHED_ENV = "SWALLOW_FT_LAUNCHED"  # set by our torchrun re-launch, so children do not launch again
+PREEMPT_FILE_ENV = "SWALLOW_FT_PREEMPT_FILE"  # the launcher creates this file to preempt its ranks
 
 
 @dataclass
@@ -183,22 +184,43 @@ def _remove(path: Path) -> None:
 
 
 def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
-    """Run this script again under torchrun with slots_per_trial processes; return its exit code."""
+    """Run this script again under torchrun with slots_per_trial processes; return its exit code.
+
+    SIGTERM/Ctrl-C here become a preemption of the ranks (through a flag file they poll every
+    step); a second Ctrl-C kills them. torchrun runs in its own session so that a terminal's
+    Ctrl-C reaches only us, and it is told to die with us if we are killed outright.
+    """
     nproc = job.experiment.slots_per_trial if job.experiment else 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            script, *[a for a in argv if a != "--fresh"]]
+    preempt_file = job.run_dir / "output" / ".preempt"
+    preempt_file.parent.mkdir(parents=True, exist_ok=True)
     logger.info("launching %d processes: %s", nproc, " ".join(cmd))
-    child = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    child = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_ENV: "1", PREEMPT_FILE_ENV: str(preempt_file)},
+                             start_new_session=True, preexec_fn=_die_with_parent)
 
-    def forward(signum, _frame):  # torchrun passes it on to every rank, which checkpoint and stop
-        child.send_signal(signum)
+    def preempt(signum, _frame):
+        if signum == signal.SIGINT and preempt_file.exists():
+            os.killpg(child.pid, signal.SIGKILL)
+            return
+        preempt_file.touch()
+        logger.warning("%s received: the ranks save a checkpoint at the next step boundary, then exit "
+                       "(press Ctrl-C again to abort without saving)", signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, preempt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextmanager
@@ -218,7 +240,7 @@ def core_context(job: Job) -> Iterator[det.core.Context]:
         context.distributed, context.checkpoint._storage_manager, job.registry_path, context.train,
         searcher=experiment_config.get("searcher") or {},
         storage_config=experiment_config.get("checkpoint_storage") or {})
-    context.preempt = SignalPreemptContext(context.distributed)
+    context.preempt = SignalPreemptContext(context.distributed, flag_file=os.environ.get(PREEMPT_FILE_ENV))
     if job.latest_checkpoint and context.distributed.rank == 0:
         truncate_metrics(job.metrics_path, latest_checkpoint(job.registry_path)["steps_completed"])
     with context:

@@ -132,3 +132,11 @@ def test_the_70b_experiment_parses_and_its_searcher_matches_max_steps():
     assert model_args.use_lora and training_args.bf16 and training_args.eval_strategy == "steps"
     assert data_args.dataset_name == "camel-ai/math"
     assert check_searcher_length(experiment.searcher, training_args) is None
+
+
+def test_missing_local_model_dir_is_a_clear_error(tmp_path):
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", tmp_path,
+                     "--model_name_or_path", ".cache/tiny-swallow-missing")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --model_name_or_path .cache/tiny-swallow-missing: no such directory (run `make tiny` to build it)")

@@ -1,21 +1,43 @@
 """Two ZeRO-3 ranks on CPU (gloo) under torchrun, started by run_clm.py from slots_per_trial."""
 
 import re
+import signal
+import subprocess
+import sys
+import time
 
-from conftest import checkpoint_steps, read_metrics, run_clm
+from conftest import REPO, checkpoint_steps, read_metrics, registered_steps, run_clm
+
+ARGS = ["--config", "experiments/local_tiny_ds3.yaml", "--max_steps", 30, "--save_steps", 10, "--eval_steps", 10,
+        "--logging_steps", 5]
 
 
-def test_two_rank_zero3_run_lands_both_shards_in_one_checkpoint(tiny_model, tmp_path):
-    result = run_clm("--config", "experiments/local_tiny_ds3.yaml", "--runs_dir", tmp_path,
-                     "--max_steps", 20, "--save_steps", 20, "--eval_steps", 20, "--logging_steps", 5)
+def test_zero3_ranks_preempt_together_and_resume_into_one_sharded_checkpoint(tiny_model, tmp_path):
+    run_dir = tmp_path / "local_tiny_ds3"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "run_clm.py", *map(str, ARGS), "--runs_dir", str(tmp_path)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not registered_steps(run_dir):
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # reaches only the launcher, which preempts both ranks
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    first = log_path.read_text()
+    assert "launching 2 processes" in first
+    stopped = int(re.search(r"Preempted at step (\d+)", first).group(1))
+    assert 10 <= stopped < 30 and max(registered_steps(run_dir).values()) == stopped
+
+    result = run_clm(*ARGS, "--runs_dir", tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "launching 2 processes" in result.stderr
+    assert f"checkpoint-{stopped})" in result.stderr  # both ranks resumed from the preemption checkpoint
+    assert result.stdout.count("Finished at step 30") == 1  # one summary, from rank 0 only
 
-    storage = tmp_path / "local_tiny_ds3" / "checkpoints"
-    steps = checkpoint_steps(storage)
-    assert list(steps.values()) == [20]
-    ckpt = storage / next(iter(steps)) / "checkpoint-20"
-    shards = sorted(p.name for p in (ckpt / "global_step20").iterdir())
+    steps = checkpoint_steps(run_dir / "checkpoints")
+    assert 30 in steps.values()
+    ckpt = run_dir / "checkpoints" / next(k for k, v in steps.items() if v == 30) / "checkpoint-30"
+    shards = sorted(p.name for p in (ckpt / "global_step30").iterdir())
     assert [s for s in shards if re.match(r"zero_pp_rank_\d_mp_rank_00_model_states\.pt", s)] == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
     assert sum("optim_states" in s for s in shards) == 2
@@ -23,7 +45,8 @@ def test_two_rank_zero3_run_lands_both_shards_in_one_checkpoint(tiny_model, tmp_
     # stage3_gather_16bit_weights_on_model_save: the adapter is saved whole, not as empty shards.
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 10_000
 
-    training = [r for r in read_metrics(tmp_path / "local_tiny_ds3" / "metrics.jsonl") if r["group"] == "training"]
+    training = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["group"] == "training"]
+    steps_reported = [r["steps_completed"] for r in training]
+    assert steps_reported == sorted(set(steps_reported))  # the resumed run repeated no step
+    assert [s for s in steps_reported if s % 5 == 0] == [5, 10, 15, 20, 25, 30]
     assert training[-1]["loss"] < training[0]["loss"]
-    # One summary, from rank 0 only.
-    assert result.stdout.count("Finished at step 20") == 1
