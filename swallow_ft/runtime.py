@@ -36,12 +36,14 @@ PREEMPT_FILE_ENV = "SWALLOW_FT_PREEMPT_FILE"  # the launcher creates this file t
 
 @dataclass
 class Job:
-    """Everything main() needs besides the model: parsed arguments and where things go."""
+    """Everything main() needs besides the model: parsed arguments and where things go.
 
-    model_args: Any
-    data_args: Any
-    training_args: Any
-    hparams: Dict[str, Any]
+    A local launcher process (which only starts the ranks) has no parsed arguments.
+    """
+
+    model_args: Any = None
+    data_args: Any = None
+    training_args: Any = None
     cluster_info: Optional[det.ClusterInfo] = None
     experiment: Optional[Experiment] = None
     run_dir: Optional[Path] = None
@@ -75,9 +77,8 @@ class LocalCommand:
 
 # ----- the cluster ------------------------------------------------------------------------------
 def prepare_cluster(info: det.ClusterInfo, argv: Sequence[str]) -> Job:
-    hparams = info.trial.hparams
-    model_args, data_args, training_args = parse_input_arguments(hparams, argv)
-    return Job(model_args, data_args, training_args, hparams, cluster_info=info)
+    model_args, data_args, training_args = parse_input_arguments(info.trial.hparams, argv)
+    return Job(model_args, data_args, training_args, cluster_info=info)
 
 
 def distributed_context() -> Optional[det.core.DistributedContext]:
@@ -150,7 +151,7 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
         logger.warning("%s: checkpoint_storage type %s is for the cluster; local checkpoints go to %s",
                        experiment.path, experiment.cluster_only_storage(), checkpoint_dir)
     flags = local_flags(cmd, experiment, run_dir)
-    job = Job(None, None, None, {}, experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+    job = Job(experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
     if not launched:
         # Only the first process touches the run directory: children find it ready.
         if cmd.fresh:
