@@ -21,15 +21,18 @@ from swallow_ft.model import load_model, load_tokenizer
 
 def main(det_callback, tb_callback, model_args, data_args, training_args):
     tokenizer = load_tokenizer(model_args)
-    datasets = build_datasets(data_args, training_args, tokenizer, cache_dir=model_args.cache_dir)
+    data = build_datasets(data_args, training_args, tokenizer, model_args.model_name_or_path,
+                          cache_dir=model_args.cache_dir)
+    if data.packing_efficiency is not None:
+        det_callback.constant_metrics["packing_efficiency"] = data.packing_efficiency
     model = load_model(model_args, training_args)
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
+        train_dataset=data.train,
+        eval_dataset=data.validation,
         processing_class=tokenizer,
-        data_collator=build_collator(tokenizer),
+        data_collator=build_collator(tokenizer, packing=data_args.packing),
         callbacks=[det_callback] + ([tb_callback] if tb_callback else []),
     )
     with det_callback.dsat_reporting():

@@ -1,7 +1,9 @@
-"""Regenerate data/camel_math_ja.jsonl: arithmetic word problems in the camel-ai/math schema.
+"""Regenerate the sample data in data/, byte for byte:
 
-The rows are written by this script (no third-party text), in Japanese and English, and are
-deterministic for a given seed so the committed file can be rebuilt byte for byte:
+- camel_math_ja.jsonl: arithmetic word problems in the camel-ai/math schema (Japanese and English);
+- chat_ja.jsonl: Japanese multi-turn conversations in the chat `messages` shape, some with a system prompt.
+
+Every row is written by this script (no third-party text) from a fixed seed:
 
     python scripts/make_sample_data.py
 """
@@ -11,7 +13,9 @@ import random
 from pathlib import Path
 
 ROLE = "Mathematician_RoleType.ASSISTANT"
-OUT = Path(__file__).resolve().parent.parent / "data" / "camel_math_ja.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "data"
+SYSTEM_PROMPTS = ("あなたは計算が得意な先生です。手順を短く説明してから答えてください。",
+                  "答えは簡潔に、数字で示してください。")
 
 
 def _sum(r):
@@ -94,12 +98,38 @@ def make_rows(n: int, seed: int = 1337):
                "message_1": message_1, "message_2": message_2}
 
 
-def main() -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", encoding="utf-8") as f:
-        for row in make_rows(600):
+def make_conversations(n: int, seed: int = 2024):
+    """Two or three turns: a sum, then follow-ups that build on the previous answer."""
+    rng = random.Random(seed)
+    for i in range(n):
+        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        total = a + b
+        messages = [{"role": "user", "content": f"{a} と {b} を足すといくつですか。"},
+                    {"role": "assistant", "content": f"{a} + {b} = {total} です。"}]
+        k = rng.randint(2, 5)
+        messages += [{"role": "user", "content": f"その答えを {k} 倍にしてください。"},
+                     {"role": "assistant", "content": f"{total} × {k} = {total * k} です。"}]
+        if i % 3 == 0:
+            d = rng.randint(1, total * k - 1)
+            messages += [{"role": "user", "content": f"さらに {d} を引くと？"},
+                         {"role": "assistant", "content": f"{total * k} - {d} = {total * k - d} です。"}]
+        if i % 4 == 0:
+            messages.insert(0, {"role": "system", "content": SYSTEM_PROMPTS[(i // 4) % len(SYSTEM_PROMPTS)]})
+        yield {"messages": messages}
+
+
+def _write(name: str, rows) -> None:
+    path = DATA / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {OUT}")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    _write("camel_math_ja.jsonl", make_rows(600))
+    _write("chat_ja.jsonl", make_conversations(200))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,27 @@ class DataTrainingArguments:
         default=5, metadata={"help": "Percent of the train split held out for eval when there is no validation split."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the train set (debugging)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the eval set."})
+    dataset_shape: str = field(
+        default="auto", metadata={"help": "Row shape: auto, camel-math, alpaca, messages or text.",
+                                  "choices": ["auto", "camel-math", "alpaca", "messages", "text"]})
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "How rows are rendered: auto (from the model), swallow-instruct-v0.1 (Llama-2 chat), "
+                          "swallow-instruct-v0 (Alpaca-JA), llama3, chat_template (the tokenizer's) or none (raw text).",
+                  "choices": ["auto", "swallow-instruct-v0.1", "swallow-instruct-v0", "llama3", "chat_template", "none"]})
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System prompt for rows without one (swallow-instruct-v0.1 default: "
+                                        "あなたは誠実で優秀な日本人のアシスタントです。; '' for none)."})
     block_size: Optional[int] = field(
-        default=None, metadata={"help": "Longest tokenised example (default: min(model max length, 2048))."})
+        default=None, metadata={"help": "Longest tokenised example / packed row (default: min(model max length, 2048))."})
+    packing: bool = field(
+        default=False, metadata={"help": "Pack examples into block_size rows (position_ids restart per example, "
+                                         "no cross-example attention)."})
+    overlong: str = field(
+        default="truncate", metadata={"help": "Examples longer than block_size: truncate or drop.",
+                                      "choices": ["truncate", "drop"]})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip and count malformed rows instead of stopping at the first one."})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenising."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the datasets cache."})
 

@@ -98,6 +98,8 @@ class DetCallback(TrainerCallback):
         self.preempted = False
         self.eval_history: List[tuple] = []
         self.last_storage_id: Optional[str] = None
+        # Facts about the run added to every training report (e.g. packing_efficiency).
+        self.constant_metrics: Dict[str, float] = {}
         self._tokens_at_last_log = self._tokens_at_start = None
         self._step_started = 0.0
         self._step_seconds = self._step_seconds_since_log = 0.0
@@ -165,7 +167,7 @@ class DetCallback(TrainerCallback):
         if any(k.startswith("eval_") for k in logs):
             self._report_validation(state, metrics)
         elif not any(k.startswith("test_") for k in logs):
-            self._report_training(args, state, metrics)
+            self._report_training(args, state, {**self.constant_metrics, **metrics})
 
     def _report_training(self, args, state: TrainerState, metrics: Dict[str, Any]) -> None:
         tokens = state.num_input_tokens_seen

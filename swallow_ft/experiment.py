@@ -67,6 +67,13 @@ class Experiment:
                 return tokens[i + 1:]
         raise UserError(f"{self.path}: entrypoint does not run {SCRIPT_NAME}: {' '.join(tokens)}")
 
+    def flags(self, overrides: Sequence[str]) -> List[str]:
+        """What a local trial passes to run_clm.py: entrypoint flags, then training_arguments."""
+        from swallow_ft.arguments import dict2args
+
+        hparams = self.hparams_for_local_run(overrides)
+        return self.script_args() + dict2args(hparams.get("training_arguments") or {})
+
     def uses_deepspeed_launcher(self) -> bool:
         return "determined.launch.deepspeed" in self.entrypoint_tokens()
 

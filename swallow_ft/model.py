@@ -10,6 +10,7 @@ from swallow_ft.arguments import ModelArguments
 from swallow_ft.errors import UserError
 
 logger = logging.getLogger("swallow_ft.model")
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
 
 
 def check_local_model_path(name: str) -> None:
@@ -24,13 +25,17 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        # Padding with EOS would mask EOS out of the loss and the model would never learn to stop;
-        # Swallow (Llama-2 vocabulary) pads with <unk>, id 0.
-        if tokenizer.unk_token_id is None:
-            raise UserError(f"{model_args.model_name_or_path}: the tokenizer has neither a pad nor an unk token; "
-                            "set tokenizer.pad_token in the tokenizer files to a token that is not EOS")
-        tokenizer.pad_token = tokenizer.unk_token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Padding with EOS would mask EOS out of the loss and the model would never learn to stop.
+        # Swallow (Llama-2 vocabulary) pads with <unk>, id 0; Llama-3.1 has a reserved pad token.
+        vocab = tokenizer.get_vocab()
+        candidates = [tokenizer.unk_token] + [t for t in PAD_CANDIDATES if t in vocab]
+        pad = next((t for t in candidates if t is not None and vocab.get(t) != tokenizer.eos_token_id), None)
+        if pad is None:
+            raise UserError(f"{model_args.model_name_or_path}: no pad token other than EOS; add a pad token to "
+                            "the tokenizer files (it must differ from EOS, or the model never learns to stop)")
+        logger.info("padding with %s (id %d), not EOS", pad, vocab[pad])
+        tokenizer.pad_token = pad
     return tokenizer
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import determined as det
 
-from swallow_ft.arguments import dict2args, parse_input_arguments
+from swallow_ft.arguments import parse_input_arguments
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
 from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
@@ -116,9 +116,7 @@ def local_flags(cmd: LocalCommand, experiment: Optional[Experiment], run_dir: Pa
     """Entrypoint flags, then the YAML's training_arguments, then our scratch dir, then overrides."""
     flags = local_default_flags()
     if experiment is not None:
-        flags += experiment.script_args()
-        hparams = experiment.hparams_for_local_run(cmd.overrides)
-        flags += dict2args(hparams.get("training_arguments") or {})
+        flags += experiment.flags(cmd.overrides)
     # output_dir is scratch space, as in a trial container: checkpoints live in the storage dir.
     return flags + ["--output_dir", str(run_dir / "output")] + cmd.overrides
 

@@ -37,7 +37,20 @@ VOCAB_SIZE = 1200
 SEED = 1234
 PRETRAIN_STEPS = 300
 # Bumped whenever the recipe changes, so a stale cache is rebuilt instead of silently reused.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
+# A Llama-2 chat template that renders exactly the swallow-instruct-v0.1 format (tests hold it to that).
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = none -%}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ bos_token }}[INST] {% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{{ message['content'] }} [/INST]"
+    "{%- elif message['role'] == 'assistant' %}"
+    " {{ message['content'] }} {{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def _corpus_lines(with_answers: bool = True):
@@ -86,7 +99,7 @@ def _pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS) -> None:
 
 def recipe_fingerprint() -> str:
     h = hashlib.sha256(RECIPE_VERSION.encode())
-    h.update(json.dumps([TINY_CONFIG, VOCAB_SIZE, SEED, PRETRAIN_STEPS], sort_keys=True).encode())
+    h.update(json.dumps([TINY_CONFIG, VOCAB_SIZE, SEED, PRETRAIN_STEPS, CHAT_TEMPLATE], sort_keys=True).encode())
     for path in CORPUS_FILES:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -132,6 +145,7 @@ def build(out_dir: Path = DEFAULT_DIR, force: bool = False) -> Path:
         tokenizer = LlamaTokenizer.from_pretrained(stage, add_bos_token=True, add_eos_token=False,
                                                    model_max_length=4096)
         tokenizer.pad_token = tokenizer.unk_token  # Swallow pads with id 0 (<unk>), never with EOS.
+        tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(stage)
 
         torch.manual_seed(SEED)

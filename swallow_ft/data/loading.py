@@ -1,0 +1,169 @@
+"""From a dataset name or file to tokenised (and optionally packed) train/validation splits.
+
+The reference's HF run_clm took the *first* column, which for camel-ai/math is `role_1`
+("Mathematician_RoleType.ASSISTANT"), concatenated everything and trained on all of it. Here every
+row becomes a conversation in the model's own prompt format, with loss on the replies only.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
+
+from swallow_ft.arguments import DataTrainingArguments
+from swallow_ft.data.encoding import IGNORE, encode
+from swallow_ft.data.packing import PackedCollator, pack, packing_efficiency
+from swallow_ft.data.shapes import BadRow, detect_shape, to_conversation
+from swallow_ft.data.templates import FORMATS, PromptFormat, choose_format
+from swallow_ft.errors import UserError
+
+logger = logging.getLogger("swallow_ft.data")
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    validation: Dataset
+    prompt_format: PromptFormat
+    shape: str
+    packing_efficiency: Optional[float] = None
+
+
+def _builder_for(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .csv or .parquet")
+    if not Path(path).is_file():
+        raise UserError(f"{path}: data file not found")
+    return LOCAL_FORMATS[suffix]
+
+
+def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None) -> DatasetDict:
+    if data_args.dataset_name:
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    files = {"train": data_args.train_file}
+    if data_args.validation_file:
+        files["validation"] = data_args.validation_file
+    builders = {_builder_for(f) for f in files.values()}
+    if len(builders) > 1:
+        raise UserError(f"--train_file and --validation_file must have the same type, got {sorted(builders)}")
+    return load_dataset(builders.pop(), data_files=files, cache_dir=cache_dir)
+
+
+def source_name(data_args: DataTrainingArguments, split: str) -> str:
+    if data_args.dataset_name:
+        return f"{data_args.dataset_name}[{split}]"
+    return data_args.validation_file if split == "validation" else data_args.train_file
+
+
+def encode_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, data_args: DataTrainingArguments):
+    """One dataset row -> (input_ids, labels), exactly as training sees it (before truncation)."""
+    conv = to_conversation(row, shape, where)
+    try:
+        pieces = fmt.render(conv, tokenizer, data_args.system_prompt)
+    except BadRow:
+        raise
+    except UserError as exc:  # a format that cannot render this row: name the row
+        raise BadRow(f"{where}: {exc}") from exc
+    return encode(pieces, tokenizer, fmt.literal_specials)
+
+
+def encode_split(dataset: Dataset, source: str, shape: str, fmt: PromptFormat, tokenizer,
+                 data_args: DataTrainingArguments, block_size: int) -> Dataset:
+    """Rows -> input_ids/labels plus bookkeeping columns (n_train, truncated, bad)."""
+    def encode_rows(batch, indices):
+        out = {"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": []}
+        for values, index in zip(zip(*batch.values()), indices):
+            try:
+                ids, labels = encode_example(dict(zip(batch, values)), f"{source} row {index}", shape, fmt,
+                                             tokenizer, data_args)
+                bad = False
+            except BadRow:
+                if not data_args.skip_bad_rows:
+                    raise
+                ids, labels, bad = [], [], True
+            truncated = len(ids) > block_size
+            ids, labels = ids[:block_size], labels[:block_size]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["n_train"].append(sum(label != IGNORE for label in labels))
+            out["truncated"].append(truncated)
+            out["bad"].append(bad)
+        return out
+
+    return dataset.map(encode_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       num_proc=data_args.preprocessing_num_workers,
+                       load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenising {source}")
+
+
+def keep_trainable(dataset: Dataset, source: str, data_args: DataTrainingArguments) -> Dataset:
+    """Apply the over-long policy and drop rows that would train nothing, saying how many and why."""
+    bad = sum(dataset["bad"])
+    truncated = sum(dataset["truncated"])
+    drop_truncated = data_args.overlong == "drop"
+    keep = [not b and n > 0 and not (t and drop_truncated)
+            for b, n, t in zip(dataset["bad"], dataset["n_train"], dataset["truncated"])]
+    empty = sum(1 for b, n in zip(dataset["bad"], dataset["n_train"]) if not b and n == 0)
+    if bad:
+        logger.warning("%s: skipped %d bad rows (--skip_bad_rows)", source, bad)
+    if truncated:
+        logger.warning("%s: %d examples longer than block_size were %s (--overlong %s)", source, truncated,
+                       "dropped" if drop_truncated else "truncated", data_args.overlong)
+    if empty:
+        logger.warning("%s: dropped %d examples with no trained tokens left after truncation", source, empty)
+    kept = dataset.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_train", "truncated", "bad"])
+    if len(kept) == 0:
+        raise UserError(f"{source}: no example is left to train on (bad rows, or every reply was cut by "
+                        "block_size: raise --block_size)")
+    return kept
+
+
+def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArguments,
+                   tokenizer: PreTrainedTokenizerBase, model_name: str, cache_dir=None) -> PreparedData:
+    raw = load_raw_datasets(data_args, cache_dir)
+    train_source = source_name(data_args, "train")
+    shape = detect_shape(raw["train"].column_names, train_source, data_args.dataset_shape)
+    fmt = choose_format(data_args.prompt_format, model_name, tokenizer, shape)
+    block_size = data_args.block_size or min(tokenizer.model_max_length, 2048)
+
+    # The main process tokenises first and fills the datasets cache; the other ranks then read it
+    # instead of all tokenising at once (which on big data outlasts the NCCL timeout).
+    with training_args.main_process_first(desc="tokenising"):
+        splits = {split: keep_trainable(encode_split(ds, source_name(data_args, split), shape, fmt, tokenizer,
+                                                     data_args, block_size), source_name(data_args, split), data_args)
+                  for split, ds in raw.items() if split in ("train", "validation")}
+    if "validation" not in splits:
+        if not 0 < data_args.validation_split_percentage < 100:
+            raise UserError("no validation split: give --validation_file or a --validation_split_percentage in 1..99")
+        held_out = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
+        splits = {"train": held_out["train"], "validation": held_out["test"]}
+    if data_args.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+    if data_args.max_eval_samples:
+        splits["validation"] = splits["validation"].select(
+            range(min(data_args.max_eval_samples, len(splits["validation"]))))
+    logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
+                train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
+
+    efficiency = None
+    if data_args.packing:
+        splits = {name: pack(ds, block_size) for name, ds in splits.items()}
+        efficiency = packing_efficiency(splits["train"], block_size)
+        logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
+                    len(splits["train"]), block_size, 100 * efficiency)
+    return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency)
+
+
+def build_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
+    """Batches are padded to their longest row, never to block_size; labels pad with -100."""
+    if packing:
+        return PackedCollator(tokenizer.pad_token_id)
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
+
+
+__all__ = ["FORMATS", "PreparedData", "build_collator", "build_datasets", "load_raw_datasets"]
