@@ -26,6 +26,7 @@ def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
     # Speed metrics survive (upstream's callback strips them) and ours are non-padding tokens/s.
     assert all(r["tokens_per_second"] > 0 for r in training)
     assert "train_tokens_per_second" in training[0]
+    assert 0.8 < training[0]["packing_efficiency"] <= 1.0  # local_tiny.yaml packs its examples
 
     # Checkpoints at 20 and 40 were collected by the default retention (latest 1, best 1).
     steps = checkpoint_steps(run_dir / "checkpoints")
