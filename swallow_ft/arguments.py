@@ -146,9 +146,10 @@ def parse_input_arguments(
         raise UserError(f"invalid training flags: {' '.join(str(exc).split())}") from exc
     if unknown:
         raise _unknown_flag_error(unknown)
-    if training_args.gradient_checkpointing_kwargs is None:
+    if training_args.activation_checkpointing_kwargs is None:
         # Non-reentrant checkpointing works with frozen (LoRA) inputs without enable_input_require_grads.
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
+        training_args.gradient_checkpointing_kwargs = training_args.activation_checkpointing_kwargs
     if "--include_num_input_tokens_seen" not in args:
         training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
     check_arguments(model_args, data_args, training_args)

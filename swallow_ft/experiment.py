@@ -87,13 +87,22 @@ class Experiment:
         return {key: self._resolve(key, value, flags_given)
                 for key, value in (self.config.get("hyperparameters") or {}).items()}
 
-    def _resolve(self, key: str, value: Any, flags_given: set, prefix: str = "") -> Any:
+    def sample_hparams(self) -> Dict[str, Any]:
+        """Hyperparameters as one trial of the search could get them (each range's lower end)."""
+        return {key: self._resolve(key, value, set(), sample=True)
+                for key, value in (self.config.get("hyperparameters") or {}).items()}
+
+    def _resolve(self, key: str, value: Any, flags_given: set, prefix: str = "", sample: bool = False) -> Any:
         dotted = f"{prefix}{key}"
         if not isinstance(value, dict):
             return value
         kind = value.get("type")
         if kind == "const":
             return value.get("val")
+        if sample and kind in SEARCHED_TYPES:
+            if kind == "categorical":
+                return (value.get("vals") or [None])[0]
+            return value.get("base", 10) ** value.get("minval", 0) if kind == "log" else value.get("minval")
         if kind in SEARCHED_TYPES:
             flag = f"--{key}"
             if prefix == "training_arguments." and flag in flags_given:
@@ -103,7 +112,8 @@ class Experiment:
             raise UserError(f"{self.path}: hyperparameters.{dotted} is searched (type: {kind}) and a local run "
                             f"trains one trial: {hint}")
         if kind is None:  # a nested mapping of hyperparameters
-            resolved = {k: self._resolve(k, v, flags_given, prefix=f"{dotted}.") for k, v in value.items()}
+            resolved = {k: self._resolve(k, v, flags_given, prefix=f"{dotted}.", sample=sample)
+                        for k, v in value.items()}
             return {k: v for k, v in resolved.items() if v is not None}
         raise UserError(f"{self.path}: hyperparameters.{dotted} has unknown type {kind!r} "
                         f"(use const, int, double, log or categorical)")

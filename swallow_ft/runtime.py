@@ -25,6 +25,7 @@ import determined as det
 from swallow_ft.arguments import parse_input_arguments
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
+from swallow_ft.preflight import startup_checks
 from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
                                    latest_checkpoint, read_jsonl, truncate_metrics)
 
@@ -156,7 +157,11 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
             start_over(job)
         _remove(run_dir / "output")
     if not launched and needs_launcher(experiment, flags):
-        parse_input_arguments({}, without_deepspeed(flags))  # fail fast, before starting N processes
+        # Fail fast, before starting N processes: everything but DeepSpeed's own set-up, which needs them.
+        model_args, data_args, training_args = parse_input_arguments({}, without_deepspeed(flags))
+        if "--deepspeed" in flags:  # the last occurrence wins, as in argparse
+            training_args.deepspeed = flags[len(flags) - 1 - flags[::-1].index("--deepspeed") + 1]
+        startup_checks(model_args, data_args, training_args, world_size=experiment.slots_per_trial if experiment else 1)
         return job
     job.model_args, job.data_args, job.training_args = parse_input_arguments({}, flags)
     latest = latest_checkpoint(job.registry_path)
@@ -254,8 +259,10 @@ def prepare(argv: Sequence[str]) -> Job:
         job = prepare_cluster(info, argv)
     else:
         job = prepare_local(argv, launched=os.environ.get(LAUNCHED_ENV) == "1")
-    if job.training_args is not None and job.training_args.deepspeed:
-        _join_deepspeed_comm(job.training_args)
+    if job.training_args is not None:
+        startup_checks(job.model_args, job.data_args, job.training_args)
+        if job.training_args.deepspeed:
+            _join_deepspeed_comm(job.training_args)
     return job
 
 

@@ -22,7 +22,7 @@ def test_hparams_training_arguments_are_appended_and_win():
     assert model_args.lora_alpha == 64 and model_args.trust_remote_code is False
     assert data_args.train_file == "data/camel_math_ja.jsonl"
     assert training_args.include_num_input_tokens_seen == "non_padding"
-    assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert training_args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_evaluation_strategy_is_an_alias_of_eval_strategy():

@@ -1,0 +1,263 @@
+"""Check an experiment offline, in seconds, before a GPU is spent.
+
+    python -m swallow_ft.preflight EXPERIMENT.yaml [MORE.yaml ...] [--gpu-mem 80] [--determined-version 0.37] [--dsat]
+
+Exits 0 and prints a per-GPU memory estimate when an experiment is fine; otherwise exits 1 with one
+line per problem, each naming the file, the key and the fix. run_clm.py runs the argument, DeepSpeed,
+model and memory checks again at start-up, before any weights load.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from swallow_ft import expconf
+from swallow_ft.arguments import known_flags, parse_input_arguments
+from swallow_ft.det_callback import check_searcher_length
+from swallow_ft.errors import UserError
+from swallow_ft.experiment import Experiment
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LAUNCHERS = ("determined.launch.deepspeed", "determined.launch.torch_distributed", "determined.launch.horovod")
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+@dataclass
+class Findings:
+    problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def installed_determined_version() -> tuple:
+    from swallow_ft.det_callback import determined_version
+
+    return determined_version()
+
+
+def find_file(name: str, experiment_dir: Path) -> Optional[Path]:
+    """Entrypoint paths are relative to the context directory, usually the repo root."""
+    for base in (experiment_dir, Path.cwd(), REPO_ROOT):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def check_entrypoint(exp: Experiment, flags: List[str], found: Findings) -> None:
+    tokens = exp.entrypoint_tokens()
+    launcher = next((t for t in tokens if t in LAUNCHERS), None)
+    where = f"{exp.path}: entrypoint"
+    if "--deepspeed" in flags and launcher != "determined.launch.deepspeed":
+        found.problems.append(f"{where}: --deepspeed needs the DeepSpeed launcher: start it with "
+                              "'python -m determined.launch.deepspeed python run_clm.py ...'")
+    if exp.slots_per_trial > 1 and launcher is None:
+        found.problems.append(f"{where}: slots_per_trial is {exp.slots_per_trial} but nothing starts one process per "
+                              "GPU: prefix 'python -m determined.launch.torch_distributed' (or .deepspeed)")
+    if "--evaluation_strategy" in flags:
+        found.problems.append(f"{where}: --evaluation_strategy was renamed --eval_strategy in transformers 5 "
+                              "(run_clm.py still accepts the old name, other tools do not): rename it")
+    training_flags = ((exp.config.get("hyperparameters") or {}).get("training_arguments") or {})
+    unknown = sorted(set(f"--{k}" for k in training_flags) - set(known_flags()))
+    for flag in unknown:
+        found.problems.append(f"{exp.path}: hyperparameters.training_arguments.{flag[2:]} is not a run_clm.py flag; "
+                              "training_arguments keys become --flags, so rename or move it")
+
+
+def check_deepspeed_config(path: Path, training_args, slots: int, found: Findings, where: str) -> dict:
+    """Parse the DeepSpeed JSON and hold it to the Trainer's flags; returns the config ({} if broken)."""
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        found.problems.append(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                              "fix it or start from ds_configs/")
+        return {}
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        found.problems.append(f"{path}: zero_optimization.stage is {zero.get('stage')!r}; use 0, 1, 2 or 3")
+    for precision, other in (("fp16", "bf16"), ("bf16", "fp16")):
+        enabled = (config.get(precision) or {}).get("enabled", False)
+        if getattr(training_args, precision) and enabled is False:
+            fix = "use ds_configs/ds_config_stage_*_fp16.json" if precision == "fp16" else "set it to \"auto\""
+            found.problems.append(f"{path}: {precision}.enabled is off or missing but {where} passes --{precision}: {fix}")
+        if enabled is True and getattr(training_args, other):
+            found.problems.append(f"{path}: {precision}.enabled is true but {where} passes --{other}: "
+                                  f"set {precision}.enabled to \"auto\"")
+    expected = {"train_micro_batch_size_per_gpu": training_args.per_device_train_batch_size,
+                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+                "train_batch_size": training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps * slots}
+    for key, value in expected.items():
+        if config.get(key, "auto") not in ("auto", value):
+            found.problems.append(f"{path}: {key} is {config[key]} but the flags and slots_per_trial={slots} give "
+                                  f"{value}: set it to \"auto\"")
+    scheduler = config.get("scheduler") or {}
+    warmup = (scheduler.get("params") or {}).get("warmup_num_steps")
+    if scheduler.get("type") in WARMUP_SCHEDULERS and warmup == "auto" and training_args.get_warmup_steps(1000) == 0:
+        found.problems.append(f"{path}: scheduler {scheduler['type']} with warmup_num_steps \"auto\" fails on "
+                              "deepspeed 0.19 when --warmup_steps is 0: remove the scheduler block (the Trainer's "
+                              "scheduler is used) or pass --warmup_steps > 0")
+    if (config.get("flops_profiler") or {}).get("enabled"):
+        found.notes.append(f"{path}: flops_profiler is on: it profiles one step and prints a large report; "
+                           "turn it off outside debugging")
+    if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme") and "optimizer" not in config:
+        found.problems.append(f"{path}: offload_optimizer needs DeepSpeed's CPU Adam: add an \"optimizer\" block "
+                              "(see ds_configs/ds_config_stage_3_offload.json)")
+    return config
+
+
+def check_data(data_args, found: Findings) -> None:
+    from swallow_ft.data.loading import load_raw_datasets, source_name
+    from swallow_ft.data.shapes import detect_shape
+
+    if data_args.dataset_name:
+        found.notes.append(f"dataset {data_args.dataset_name}: not checked offline (it is downloaded on the cluster)")
+        return
+    try:
+        raw = load_raw_datasets(data_args)
+        for split, ds in raw.items():
+            detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
+            if len(ds) == 0:
+                found.problems.append(f"{source_name(data_args, split)}: no rows; point --train_file at a non-empty file")
+    except UserError as exc:
+        found.problems.append(str(exc))
+
+
+def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_config: dict,
+                           gpu_mem: Optional[float], found: Findings, where: str, strict_memory: bool = True) -> None:
+    from swallow_ft import memory
+
+    shape = memory.shape_for(model_args.model_name_or_path, model_args.cache_dir)
+    if shape is None:
+        found.notes.append(f"model {model_args.model_name_or_path}: config not available offline; "
+                           "memory not estimated")
+        return
+    targets = model_args.lora_target_modules
+    if model_args.use_lora and targets != "all-linear":
+        missing = sorted({t.strip() for t in targets.split(",") if t.strip()} - set(shape.linear_module_names()))
+        if missing:
+            found.problems.append(f"{where}: --lora_target_modules: {', '.join(missing)} not in {shape.model_type}; "
+                                  f"use some of {', '.join(sorted(shape.linear_module_names()))} or all-linear")
+    zero = ds_config.get("zero_optimization") or {}  # {} without DeepSpeed: plain DDP, "ZeRO-0"
+    settings = dict(
+        gpus=slots, zero_stage=zero.get("stage", 0), micro_batch=training_args.per_device_train_batch_size,
+        seq_len=data_args.block_size or 2048, lora_r=model_args.lora_r if model_args.use_lora else None,
+        lora_targets=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        gradient_checkpointing=training_args.activation_checkpointing,
+        weight_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
+        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),
+        offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"))
+    try:
+        estimate = memory.estimate(shape, **settings)
+    except ValueError as exc:  # a setting already reported above (bad stage, unknown module)
+        found.notes.append(f"memory not estimated: {exc}")
+        return
+    summary = (f"memory per GPU: {estimate} ({shape.total_params / 1e9:.2f}B params, ZeRO-{settings['zero_stage']}, "
+               f"{slots} GPU(s), micro-batch {settings['micro_batch']} x {settings['seq_len']} tokens)")
+    if gpu_mem is None:
+        found.notes.append(summary + "; GPU memory unknown, fit not checked (preflight takes --gpu-mem GIB)")
+    elif memory.fits(estimate, gpu_mem):
+        found.notes.append(summary + f"; fits {gpu_mem:g} GiB")
+    else:
+        fixes = memory.suggest_fixes(shape, gpu_mem, **settings)
+        message = (f"{where}: {summary} does not fit {gpu_mem:g} GiB GPUs"
+                   + (f"; would fit: {' | '.join(fixes[:3])}" if fixes else "; no setting tried fits"))
+        (found.problems if strict_memory else found.notes).append(message)
+
+
+def startup_checks(model_args, data_args, training_args, world_size: Optional[int] = None) -> None:
+    """What run_clm.py re-checks before loading weights; problems stop it, memory only warns."""
+    import logging
+    import os
+
+    import torch
+
+    found = Findings()
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = {}
+    if training_args.deepspeed:
+        ds_config = check_deepspeed_config(Path(training_args.deepspeed), training_args, world_size, found,
+                                           "run_clm.py")
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    check_model_and_memory(model_args, data_args, training_args, world_size, ds_config, gpu_mem, found,
+                           where="run_clm.py", strict_memory=False)
+    if found.problems:
+        raise UserError("\n".join(found.problems))
+    if os.environ.get("RANK", "0") == "0":
+        for note in found.notes:
+            logging.getLogger("swallow_ft.preflight").info(note)
+
+
+def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tuple] = None,
+                     dsat: bool = False) -> Findings:
+    from swallow_ft import memory
+    from swallow_ft.runtime import without_deepspeed
+
+    found = Findings()
+    version = version or installed_determined_version()
+    try:
+        exp = Experiment.load(path)
+        found.problems += [f"{exp.path}: {message}" for message in expconf.validate(exp.config, version)]
+        flags = exp.script_args()
+        check_entrypoint(exp, flags, found)
+        hparams = exp.sample_hparams()
+        model_args, data_args, training_args = parse_input_arguments(
+            hparams, without_deepspeed(flags) + ["--use_cpu", "true"])
+    except UserError as exc:
+        found.problems.append(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
+        return found
+    if dsat and version >= (0, 38):
+        found.problems.append(f"{path}: DSAT needs Determined <= 0.37 (0.38 removed determined.pytorch.dsat): "
+                              "use a 0.37 cluster and CLI, or pick settings with python -m swallow_ft.plan")
+    problem = check_searcher_length(exp.searcher, training_args) if exp.searcher else None
+    if problem:
+        found.problems.append(f"{path}: {problem}")
+    metric = exp.searcher.get("metric", "")
+    if metric.startswith("eval_") and training_args.eval_strategy == "no":
+        found.problems.append(f"{path}: searcher.metric is {metric} but evaluation is off: add --eval_strategy steps "
+                              "and --eval_steps N to the entrypoint")
+    ds_config = {}
+    deepspeed_readable = True
+    if "--deepspeed" in flags:
+        name = flags[flags.index("--deepspeed") + 1]
+        ds_path = find_file(name, exp.path.parent)
+        if ds_path is None:
+            found.problems.append(f"{path}: --deepspeed {name}: file not found next to the experiment or in the "
+                                  "context directory")
+        else:
+            ds_config = check_deepspeed_config(ds_path, training_args, exp.slots_per_trial, found, str(path))
+        deepspeed_readable = bool(ds_config)
+    check_data(data_args, found)
+    if not deepspeed_readable:
+        found.notes.append("memory not estimated: the DeepSpeed config could not be read")
+        return found
+    pool = (exp.config.get("resources") or {}).get("resource_pool")
+    gpu_mem = gpu_mem or (memory.gpu_memory_for_pool(pool) if pool else None)
+    check_model_and_memory(model_args, data_args, training_args, exp.slots_per_trial, ds_config, gpu_mem, found,
+                           where=str(path))
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swallow_ft.preflight", description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+", type=Path)
+    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU (default: from resources.resource_pool)")
+    parser.add_argument("--determined-version", help="check for this Determined version (default: installed)")
+    parser.add_argument("--dsat", action="store_true", help="the experiment will be launched with DSAT")
+    args = parser.parse_args(argv)
+    version = tuple(int(p) for p in args.determined_version.split(".")[:2]) if args.determined_version else None
+    failed = False
+    for path in args.experiments:
+        found = check_experiment(path, gpu_mem=args.gpu_mem, version=version, dsat=args.dsat)
+        for problem in found.problems:
+            print(problem)
+        for note in found.notes:
+            print(f"  note: {note}")
+        print(f"{path}: {'OK' if not found.problems else f'{len(found.problems)} problem(s)'}")
+        failed |= bool(found.problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

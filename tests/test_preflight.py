@@ -1,0 +1,194 @@
+"""The offline preflight: shipped experiments pass, broken ones get one clear line per problem."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from swallow_ft.preflight import check_experiment
+
+SHIPPED = sorted(REPO.glob("experiments/*.yaml")) + [REPO / "swallow_70b_ds3.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_experiment_passes_with_a_memory_estimate(path, tiny_model):
+    found = check_experiment(path)
+    assert found.problems == []
+    assert any(note.startswith("memory per GPU:") for note in found.notes), found.notes
+
+
+def test_the_70b_experiment_fits_four_80gb_gpus():
+    found = check_experiment(REPO / "swallow_70b_ds3.yaml")
+    memory = next(n for n in found.notes if n.startswith("memory per GPU"))
+    assert "ZeRO-3, 4 GPU(s)" in memory and memory.endswith("fits 80 GiB")
+
+
+def test_cli_exit_codes_and_output(tiny_model, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "swallow_ft.preflight", "swallow_70b_ds3.yaml"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().splitlines()[-1] == "swallow_70b_ds3.yaml: OK"
+    seed = subprocess.run([sys.executable, "-m", "swallow_ft.preflight", "tests/fixtures/seed/swallow_70b_ds3.yaml"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert seed.returncode == 1
+
+
+def test_the_reference_experiment_gets_a_clear_list_of_what_is_wrong():
+    seed = REPO / "tests/fixtures/seed/swallow_70b_ds3.yaml"
+    problems = check_experiment(seed).problems
+    assert any("ds_configs/ds_config_stage_3.json: not valid JSON (Expecting ',' delimiter at line 17" in p
+               for p in problems), problems
+    assert any("--evaluation_strategy was renamed --eval_strategy in transformers 5" in p for p in problems)
+    assert all(p.startswith(str(seed)) or "ds_config_stage_3.json" in p for p in problems)
+    # the reference's JSON, once repaired, still carries WarmupLR at warmup 0
+    fixed = check_experiment(seed, dsat=True, version=(0, 38)).problems
+    assert any("DSAT needs Determined <= 0.37" in p for p in fixed)
+
+
+@pytest.fixture
+def make_experiment(tmp_path, tiny_model):
+    """Writes a valid local experiment (tiny Swallow, ZeRO-3 config beside it) and lets a test break it."""
+    (tmp_path / "ds_configs").mkdir()
+    for name in ("ds_config_stage_3.json", "ds_config_stage_3_fp16.json"):
+        shutil.copy(REPO / "ds_configs" / name, tmp_path / "ds_configs" / name)
+    base = yaml.safe_load((REPO / "experiments/local_tiny.yaml").read_text())
+    base["entrypoint"] = base["entrypoint"].replace(".cache/tiny-swallow", str(tiny_model)).replace(
+        "data/camel_math_ja.jsonl", str(REPO / "data/camel_math_ja.jsonl"))
+
+    def make(change=lambda c: None, entrypoint=lambda e: e, ds=None):
+        config = json.loads(json.dumps(base))
+        config["entrypoint"] = entrypoint(config["entrypoint"])
+        change(config)
+        if ds is not None:
+            path = tmp_path / "ds_configs" / "ds_config_stage_3.json"
+            path.write_text(ds(json.loads(path.read_text())) if callable(ds) else ds)
+        path = tmp_path / "exp.yaml"
+        path.write_text(yaml.safe_dump(config, allow_unicode=True))
+        return path
+
+    return make
+
+
+def _ds3(entrypoint):
+    return ("python -m determined.launch.deepspeed " + entrypoint
+            + " --deepspeed ds_configs/ds_config_stage_3.json --bf16")
+
+
+def _set(path, value):
+    def change(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return change
+
+
+def _drop(text):
+    return lambda e: e.replace(text, "")
+
+
+BROKEN = {
+    "unknown top-level key": (dict(change=_set("learning_rate", 1e-4)), "learning_rate: unknown key"),
+    "slots of the wrong type": (dict(change=_set("resources.slots_per_trial", "two")),
+                                "resources.slots_per_trial: expected integer or null"),
+    "asha without max_time": (dict(change=_set("searcher", {"name": "adaptive_asha", "metric": "eval_loss",
+                                                            "max_trials": 4})),
+                              "searcher.max_time: is required for adaptive_asha in Determined 0.38"),
+    "asha max_time is not --max_steps": (
+        dict(change=_set("searcher", {"name": "adaptive_asha", "metric": "eval_loss", "max_trials": 4,
+                                      "time_metric": "batches", "max_time": 100})),
+        "searcher.max_time is 100 batches but --max_steps gives batches=60"),
+    "max_length is not --max_steps": (dict(change=_set("searcher.max_length", {"batches": 50})),
+                                      "searcher.max_length is {batches: 50} but --max_steps gives batches=60"),
+    "removed searcher": (dict(change=_set("searcher.name", "adaptive_simple")), "searcher.name"),
+    "inverted search range": (dict(change=_set("hyperparameters.training_arguments.learning_rate",
+                                               {"type": "double", "minval": 1e-3, "maxval": 1e-5})),
+                              "learning_rate.minval: must be less than maxval"),
+    "hparam that is no flag": (dict(change=_set("hyperparameters.training_arguments.lerning_rate", 1e-3)),
+                               "hyperparameters.training_arguments.lerning_rate is not a run_clm.py flag"),
+    "unknown flag": (dict(entrypoint=lambda e: e + " --lora_rank 8"),
+                     "unknown run_clm.py flag(s): --lora_rank (did you mean"),
+    "removed flag": (dict(entrypoint=lambda e: e + " --overwrite_output_dir"),
+                     "--overwrite_output_dir no longer exists in transformers 5"),
+    "old eval flag": (dict(entrypoint=lambda e: e.replace("--eval_strategy", "--evaluation_strategy")),
+                      "--evaluation_strategy was renamed --eval_strategy"),
+    "entrypoint without run_clm.py": (dict(change=_set("entrypoint", "python train.py --lr 1")),
+                                      "entrypoint does not run run_clm.py"),
+    "deepspeed without its launcher": (dict(entrypoint=lambda e: e + " --deepspeed ds_configs/ds_config_stage_3.json"),
+                                       "--deepspeed needs the DeepSpeed launcher"),
+    "several slots, no launcher": (dict(change=_set("resources.slots_per_trial", 2)),
+                                   "slots_per_trial is 2 but nothing starts one process per GPU"),
+    "missing DeepSpeed file": (dict(entrypoint=lambda e: _ds3(e).replace("stage_3.json", "stage_9.json")),
+                               "--deepspeed ds_configs/ds_config_stage_9.json: file not found"),
+    "DeepSpeed JSON with a typo": (dict(entrypoint=_ds3, ds='{"zero_optimization": {"stage": 3},}'),
+                                   "ds_config_stage_3.json: not valid JSON (Expecting property name"),
+    "fp16 config with --bf16": (dict(entrypoint=lambda e: _ds3(e).replace("stage_3.json", "stage_3_fp16.json")),
+                                "bf16.enabled is off or missing but"),
+    "bf16 forced on with --fp16": (
+        dict(entrypoint=lambda e: _ds3(e).replace("--bf16", "--fp16"),
+             ds=lambda c: json.dumps({**c, "bf16": {"enabled": True}})),
+        "bf16.enabled is true but"),
+    "batch size arithmetic": (dict(entrypoint=_ds3, ds=lambda c: json.dumps({**c, "train_batch_size": 64})),
+                              "train_batch_size is 64 but the flags and slots_per_trial=1 give 8"),
+    "WarmupLR at warmup 0": (
+        dict(entrypoint=lambda e: _ds3(e).replace("--warmup_steps 5", "--warmup_steps 0"),
+             ds=lambda c: json.dumps({**c, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}})),
+        "scheduler WarmupLR with warmup_num_steps \"auto\" fails on deepspeed 0.19"),
+    "offload without DeepSpeed Adam": (
+        dict(entrypoint=_ds3, ds=lambda c: json.dumps(
+            {**c, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})),
+        "offload_optimizer needs DeepSpeed's CPU Adam"),
+    "ZeRO stage 5": (dict(entrypoint=_ds3, ds=lambda c: json.dumps({**c, "zero_optimization": {"stage": 5}})),
+                     "zero_optimization.stage is 5"),
+    "searcher metric without evaluation": (dict(entrypoint=lambda e: e.replace("--eval_strategy steps",
+                                                                              "--eval_strategy no")),
+                                           "searcher.metric is eval_loss but evaluation is off"),
+    "missing data file": (dict(entrypoint=lambda e: e.replace("camel_math_ja.jsonl", "nope.jsonl")),
+                          "nope.jsonl: data file not found"),
+    "LoRA target typo": (dict(entrypoint=lambda e: e + " --lora_target_modules q_proj,vproj"),
+                         "--lora_target_modules: vproj not in llama"),
+    "bad prompt format": (dict(entrypoint=lambda e: e.replace("swallow-instruct-v0.1", "llama2")),
+                          "argument --prompt_format/--prompt-format: invalid choice: 'llama2'"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_broken_inputs_get_the_expected_message(case, make_experiment):
+    kwargs, expected = BROKEN[case]
+    path = make_experiment(**kwargs)
+    problems = check_experiment(path).problems
+    assert any(expected in p for p in problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+def test_data_with_unknown_columns_and_empty_files(make_experiment, tmp_path):
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"prompt": "q", "answer": "a"}\n')
+    path = make_experiment(entrypoint=lambda e: e.replace(str(REPO / "data/camel_math_ja.jsonl"), str(odd)))
+    assert any("no known shape in columns prompt, answer" in p for p in check_experiment(path).problems)
+
+
+def test_memory_that_does_not_fit_says_what_would(tmp_path):
+    config = yaml.safe_load((REPO / "experiments/swallow_7b.yaml").read_text())
+    config["entrypoint"] = config["entrypoint"].replace("--use_lora", "")  # full fine-tuning of 7B
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(config))
+    problems = check_experiment(path, gpu_mem=24).problems
+    assert any("does not fit 24 GiB GPUs; would fit:" in p for p in problems), problems
+
+
+def test_run_clm_refuses_a_broken_deepspeed_config_before_starting_ranks(tiny_model, tmp_path):
+    from conftest import run_clm
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 3}}s')
+    result = run_clm("--config", "experiments/local_tiny_ds3.yaml", "--runs_dir", tmp_path, "--deepspeed", broken)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {broken}: not valid JSON (Extra data at line 1 column 36); fix it or start from ds_configs/")
+    assert "launching" not in result.stderr
