@@ -192,3 +192,12 @@ def test_run_clm_refuses_a_broken_deepspeed_config_before_starting_ranks(tiny_mo
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {broken}: not valid JSON (Extra data at line 1 column 36); fix it or start from ds_configs/")
     assert "launching" not in result.stderr
+
+
+def test_notebook_config_has_room_for_70b_in_bf16():
+    from swallow_ft.memory import KNOWN_SHAPES, gpu_memory_for_pool
+
+    notebook = yaml.safe_load((REPO / "notebook.yaml").read_text())
+    gib = notebook["resources"]["slots"] * gpu_memory_for_pool(notebook["resources"]["resource_pool"])
+    weights = KNOWN_SHAPES["swallow-70b"].total_params * 2 / 2**30
+    assert gib > 1.5 * weights  # bf16 weights plus the KV cache and activations of generation
