@@ -20,6 +20,8 @@ tiny: $(INSTALLED)
 
 demo: tiny
 	$(PY) run_clm.py --config experiments/local_tiny.yaml --fresh
+	$(PY) -m swallow_ft.compare --base .cache/tiny-swallow --tuned runs/local_tiny \
+		--prompts data/eval_prompts_ja.jsonl --out runs/local_tiny/comparison
 
 test: tiny
 	$(PY) -m pytest -q tests

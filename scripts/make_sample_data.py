@@ -1,7 +1,9 @@
 """Regenerate the sample data in data/, byte for byte:
 
 - camel_math_ja.jsonl: arithmetic word problems in the camel-ai/math schema (Japanese and English);
-- chat_ja.jsonl: Japanese multi-turn conversations in the chat `messages` shape, some with a system prompt.
+- chat_ja.jsonl: Japanese multi-turn conversations in the chat `messages` shape, some with a system prompt;
+- eval_prompts_ja.jsonl: held-out problems in the camel-ai/math schema (none appears in the training sample),
+  for `python -m swallow_ft.compare`.
 
 Every row is written by this script (no third-party text) from a fixed seed:
 
@@ -127,9 +129,17 @@ def _write(name: str, rows) -> None:
     print(f"wrote {path}")
 
 
+def held_out(n: int, training: list, seed: int = 99):
+    seen = {row["message_1"] for row in training}
+    rows = (row for row in make_rows(10 * n, seed) if row["message_1"] not in seen)
+    return [next(rows) for _ in range(n)]
+
+
 def main() -> None:
-    _write("camel_math_ja.jsonl", make_rows(600))
+    training = list(make_rows(600))
+    _write("camel_math_ja.jsonl", training)
     _write("chat_ja.jsonl", make_conversations(200))
+    _write("eval_prompts_ja.jsonl", held_out(24, training))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ CONFIG = "experiments/local_tiny.yaml"
 
 
 def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
-    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path)
+    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 60, "--logging_steps", 10,
+                     "--eval_steps", 20, "--save_steps", 20)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "local_tiny"
 

@@ -102,9 +102,9 @@ BROKEN = {
     "asha max_time is not --max_steps": (
         dict(change=_set("searcher", {"name": "adaptive_asha", "metric": "eval_loss", "max_trials": 4,
                                       "time_metric": "batches", "max_time": 100})),
-        "searcher.max_time is 100 batches but --max_steps gives batches=60"),
+        "searcher.max_time is 100 batches but --max_steps gives batches=300"),
     "max_length is not --max_steps": (dict(change=_set("searcher.max_length", {"batches": 50})),
-                                      "searcher.max_length is {batches: 50} but --max_steps gives batches=60"),
+                                      "searcher.max_length is {batches: 50} but --max_steps gives batches=300"),
     "removed searcher": (dict(change=_set("searcher.name", "adaptive_simple")), "searcher.name"),
     "inverted search range": (dict(change=_set("hyperparameters.training_arguments.learning_rate",
                                                {"type": "double", "minval": 1e-3, "maxval": 1e-5})),

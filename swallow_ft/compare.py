@@ -1,0 +1,280 @@
+"""Base vs fine-tuned, side by side, in the prompt format the model was trained with.
+
+    python -m swallow_ft.compare --base .cache/tiny-swallow --tuned runs/local_tiny \\
+        --prompts data/eval_prompts_ja.jsonl --out runs/local_tiny/comparison
+
+--tuned takes an adapter directory, a merged model directory, or any checkpoint source that
+`python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined checkpoint, a local run dir, ...).
+With an adapter only one copy of the base is loaded: the base answers with the adapter switched off.
+Writes comparison.jsonl (one row per prompt) and comparison.md (a readable table and the summary).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from swallow_ft import metrics
+from swallow_ft.data.encoding import IGNORE, encode
+from swallow_ft.data.loading import load_raw_datasets
+from swallow_ft.data.shapes import detect_shape, to_conversation
+from swallow_ft.data.templates import LLAMA3_SPECIALS, Conversation, Turn, choose_format
+from swallow_ft.errors import UserError
+
+
+@dataclass
+class Example:
+    index: int
+    question: str
+    reference: str
+    prompt_ids: List[int]
+    input_ids: List[int]
+    labels: List[int]
+
+
+def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str = "auto",
+                  system_prompt: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
+    from swallow_ft.arguments import DataTrainingArguments
+
+    rows = load_raw_datasets(DataTrainingArguments(train_file=prompts))["train"]
+    shape = detect_shape(rows.column_names, prompts)
+    fmt = choose_format(prompt_format, model_name, tokenizer, shape)
+    examples = []
+    for index in range(min(limit or len(rows), len(rows))):
+        conv = to_conversation(rows[index], shape, f"{prompts} row {index}")
+        if conv.text is not None:
+            raise UserError(f"{prompts}: compare needs prompts with reference answers, not `text` rows")
+        prompt_ids, _ = encode(fmt.render(conv, tokenizer, system_prompt, for_generation=True), tokenizer,
+                               fmt.literal_specials)
+        input_ids, labels = encode(fmt.render(conv, tokenizer, system_prompt), tokenizer, fmt.literal_specials)
+        examples.append(Example(index, conv.turns[-1].user, conv.turns[-1].assistant, prompt_ids, input_ids, labels))
+    return examples
+
+
+def stop_token_ids(tokenizer) -> List[int]:
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer.convert_tokens_to_ids(LLAMA3_SPECIALS[-1])
+    if eot is not None and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    return sorted(i for i in ids if i is not None)
+
+
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: List[Example], max_new_tokens: int, batch_size: int, desc: str) -> List[str]:
+    """Greedy, batched, left-padded (so every row's prompt ends where generation starts)."""
+    pad = tokenizer.pad_token_id
+    outputs = []
+    for batch in tqdm(list(_batches(examples, batch_size)), desc=desc, unit="batch"):
+        width = max(len(e.prompt_ids) for e in batch)
+        ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch])
+        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+                             pad_token_id=pad)
+        outputs += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return outputs
+
+
+@torch.no_grad()
+def reference_loss(model, examples: List[Example], batch_size: int, pad_token_id: int) -> float:
+    """Mean loss per reference token (the trained tokens only), so perplexity = exp(loss)."""
+    total, count = 0.0, 0
+    for batch in _batches(examples, batch_size):
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [pad_token_id] * (width - len(e.input_ids)) for e in batch])
+        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in batch])
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(e.input_ids) for e in batch])[:, None]).long()
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        shifted = labels[:, 1:].to(logits.device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE,
+                                                   reduction="sum")
+        total += losses.item()
+        count += int((shifted != IGNORE).sum())
+    return total / max(count, 1)
+
+
+class SideBySide:
+    """The tokenizer and both models, loaded once: for compare() and for trying prompts in the notebook."""
+
+    def __init__(self, base: str, tuned: str, prompt_format: str = "auto", system_prompt: Optional[str] = None,
+                 dtype: str = "auto", device_map: Optional[str] = None):
+        from swallow_ft.arguments import ModelArguments
+        from swallow_ft.model import load_tokenizer
+
+        self.base_name, self.tuned_name = base, tuned
+        self.prompt_format, self.system_prompt = prompt_format, system_prompt
+        self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=base))
+        self.tokenizer.padding_side = "left"
+        self.base_model, self.tuned_model, self.as_base = _load_models(base, tuned, dtype, device_map)
+
+    def examples(self, prompts: str, limit: Optional[int] = None) -> List[Example]:
+        return load_examples(prompts, self.tokenizer, self.base_name, self.prompt_format, self.system_prompt, limit)
+
+    def answers(self, examples: List[Example], max_new_tokens: int = 64, batch_size: int = 8):
+        with self.as_base():
+            base = generate(self.base_model, self.tokenizer, examples, max_new_tokens, batch_size, "base")
+        tuned = generate(self.tuned_model, self.tokenizer, examples, max_new_tokens, batch_size, "tuned")
+        return base, tuned
+
+    def losses(self, examples: List[Example], batch_size: int = 8):
+        pad = self.tokenizer.pad_token_id
+        with self.as_base():
+            base = reference_loss(self.base_model, examples, batch_size, pad)
+        return base, reference_loss(self.tuned_model, examples, batch_size, pad)
+
+    def ask(self, question: str, max_new_tokens: int = 64) -> Dict[str, str]:
+        """One free-form prompt, answered by both models in the training format."""
+        conv = Conversation(turns=[Turn(question, "")])
+        fmt = choose_format(self.prompt_format, self.base_name, self.tokenizer, "messages")
+        ids, _ = encode(fmt.render(conv, self.tokenizer, self.system_prompt, for_generation=True), self.tokenizer,
+                        fmt.literal_specials)
+        example = Example(0, question, "", ids, ids, [IGNORE] * len(ids))
+        base, tuned = self.answers([example], max_new_tokens, batch_size=1)
+        return {"base": base[0], "tuned": tuned[0]}
+
+
+def _load_models(base: str, tuned: str, dtype: str, device_map: Optional[str]):
+    """(base_model, tuned_model, base_context): base_context() switches the adapter off when shared."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
+
+    adapter_dir = _adapter_dir(tuned)
+    base_model = load(base)
+    if adapter_dir is None:
+        return base_model, load(tuned), contextlib.nullcontext
+    tuned_model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    return tuned_model, tuned_model, tuned_model.disable_adapter
+
+
+def _adapter_dir(tuned: str) -> Optional[Path]:
+    """An adapter directory for --tuned, or None when it is a full (merged) model."""
+    from swallow_ft.export import load_adapter, resolve_checkpoint, write_adapter
+
+    path = Path(tuned)
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        return None
+    checkpoint = path if (path / "adapter_config.json").is_file() else resolve_checkpoint(tuned)
+    if not (checkpoint / "adapter_config.json").is_file():
+        raise UserError(f"{tuned}: checkpoint {checkpoint} holds no LoRA adapter; export it with "
+                        "python -m swallow_ft.export and pass the exported directory")
+    config, state = load_adapter(checkpoint)  # also rebuilds ZeRO-3 adapters that were saved empty
+    target = Path(tempfile.mkdtemp(prefix="swallow-adapter-"))
+    write_adapter(target, config, state)
+    return target
+
+
+def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: str = "auto",
+            system_prompt: Optional[str] = None, max_new_tokens: int = 64, batch_size: int = 8,
+            limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
+            models: Optional[SideBySide] = None) -> Dict:
+    models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map)
+    examples = models.examples(prompts, limit)
+    base_answers, tuned_answers = models.answers(examples, max_new_tokens, batch_size)
+    base_loss, tuned_loss = models.losses(examples, batch_size)
+    rows = [{"index": e.index, "prompt": e.question, "reference": e.reference, "base": b, "tuned": t,
+             "scores": {"base": metrics.score(b, e.reference), "tuned": metrics.score(t, e.reference)}}
+            for e, b, t in zip(examples, base_answers, tuned_answers)]
+    summary = {"prompts": prompts, "n": len(rows), "base_model": base, "tuned_model": tuned}
+    for name, loss in (("base", base_loss), ("tuned", tuned_loss)):
+        summary[name] = {**metrics.mean_scores(r["scores"][name] for r in rows), "loss": loss,
+                         "perplexity": math.exp(min(loss, 50))}
+    write_report(Path(out), rows, summary)
+    return summary
+
+
+def metric_history(run_dir: Optional[str] = None, experiment_id: Optional[int] = None) -> Dict[str, List[Dict]]:
+    """{"training": [...], "validation": [...]} rows with steps_completed, from a local run's
+    metrics.jsonl or, on a cluster, from the experiment's first trial through the Determined client."""
+    groups = ("training", "validation")
+    if run_dir is not None:
+        from swallow_ft.local_core import read_jsonl
+
+        rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+        return {g: [r for r in rows if r["group"] == g] for g in groups}
+    if experiment_id is None:
+        raise UserError("metric_history needs a local run directory or a Determined experiment id")
+    from determined.experimental import client  # needs DET_MASTER and a login, as on a cluster notebook
+
+    trial = client.get_experiment(experiment_id).list_trials()[0]
+    return {g: [{"steps_completed": m.steps_completed, **m.metrics} for m in trial.iter_metrics(g)] for g in groups}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_table(summary: Dict) -> str:
+    lines = ["| model | char F1 | ROUGE-L (chars) | final-number match | loss | perplexity |",
+             "|---|---|---|---|---|---|"]
+    for name in ("base", "tuned"):
+        s = summary[name]
+        lines.append(f"| {name} | {_fmt(s['char_f1'])} | {_fmt(s['rouge_l'])} | {_fmt(s['number_match'])} "
+                     f"| {_fmt(s['loss'])} | {_fmt(s['perplexity'])} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "comparison.jsonl").open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    table = ["| # | prompt | reference | base | tuned | char F1 base → tuned | number base → tuned |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, t = r["scores"]["base"], r["scores"]["tuned"]
+        table.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['base'])} "
+                     f"| {_cell(r['tuned'])} | {_fmt(b['char_f1'])} → {_fmt(t['char_f1'])} "
+                     f"| {_fmt(b['number_match'])} → {_fmt(t['number_match'])} |")
+    (out / "comparison.md").write_text(
+        f"# Base vs fine-tuned\n\nbase: `{summary['base_model']}`  \ntuned: `{summary['tuned_model']}`  \n"
+        f"prompts: `{summary['prompts']}` ({summary['n']})\n\n{summary_table(summary)}\n\n" + "\n".join(table) + "\n",
+        encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swallow_ft.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="base model: Hub id or directory")
+    parser.add_argument("--tuned", required=True, help="adapter dir, merged model dir, or a checkpoint source")
+    parser.add_argument("--prompts", required=True, help="json/jsonl/csv/parquet in a shape run_clm.py reads")
+    parser.add_argument("--out", type=Path, default=Path("comparison"))
+    parser.add_argument("--prompt_format", default="auto")
+    parser.add_argument("--system_prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--n", type=int, help="only the first N prompts")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device_map", help='e.g. "auto" to spread a 70B model over the GPUs')
+    args = parser.parse_args(argv)
+    try:
+        summary = compare(args.base, args.tuned, args.prompts, args.out, args.prompt_format, args.system_prompt,
+                          args.max_new_tokens, args.batch_size, args.n, args.dtype, args.device_map)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{summary_table(summary)}\n\nreport: {args.out / 'comparison.md'} (rows: {args.out / 'comparison.jsonl'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

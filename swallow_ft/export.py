@@ -1,0 +1,329 @@
+"""Export a fine-tuned checkpoint as a standalone Hugging Face model directory.
+
+    python -m swallow_ft.export SOURCE --out DIR [--base MODEL] [--adapter-only] [--dtype bfloat16] [--storage DIR]
+
+SOURCE is a `checkpoint-N` directory, a Determined checkpoint directory (metadata.json + checkpoint-N/),
+a local run directory (runs/local_tiny: its latest registered checkpoint), a UUID with --storage DIR, or on
+a cluster a checkpoint UUID or `best:<experiment id>`. LoRA adapters are merged into the base model; ZeRO-3
+checkpoints whose saved weights are empty are rebuilt from the per-rank shards with DeepSpeed's own code.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from swallow_ft.errors import UserError
+from swallow_ft.local_core import latest_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REBUILD_FIX = "re-save with ds_configs/ds_config_stage_3.json"
+
+
+# ----- where the checkpoint is ------------------------------------------------------------------
+def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir: Optional[Path] = None) -> Path:
+    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster)."""
+    if storage:
+        path = Path(storage).expanduser() / source
+        if not path.is_dir():
+            raise UserError(f"{path}: no such checkpoint in --storage {storage} (its subdirectories are UUIDs)")
+        return _checkpoint_in(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        return _checkpoint_in(path)
+    if UUID_RE.match(source) or source.startswith("best:"):
+        return _download(source, Path(download_dir or "checkpoints"))
+    raise UserError(f"{source}: no such checkpoint directory; pass a checkpoint-N directory, a Determined "
+                    "checkpoint directory, a run directory such as runs/local_tiny, or a UUID with --storage DIR")
+
+
+def _checkpoint_in(path: Path) -> Path:
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path  # checkpoint-N itself, or any directory holding an adapter or a model
+    steps = {int(m.group(1)): p for p in path.glob("checkpoint-*") if p.is_dir() and (m := STEP_RE.match(p.name))}
+    if (path / "metadata.json").is_file() and steps:
+        return steps[max(steps)]  # a Determined checkpoint: our callback uploads one checkpoint-N/ into it
+    if (path / "checkpoints.jsonl").is_file() or (path / "checkpoints").is_dir():
+        return _latest_of_run(path)
+    raise UserError(f"{path}: not a checkpoint (no adapter_config.json, config.json, checkpoint-N/ or "
+                    "checkpoints.jsonl); pass a checkpoint-N directory or a run directory such as runs/local_tiny")
+
+
+def _latest_of_run(run_dir: Path) -> Path:
+    """A local run's newest registered checkpoint, as resuming would pick it."""
+    latest = latest_checkpoint(run_dir / "checkpoints.jsonl")
+    if latest is None:
+        raise UserError(f"{run_dir}/checkpoints.jsonl: no finished checkpoint registered; train until one is "
+                        "saved, or pass a checkpoint directory")
+    ckpt = run_dir / "checkpoints" / latest["storage_id"]
+    if not ckpt.is_dir():
+        # The YAML's checkpoint_storage may put checkpoints elsewhere; that directory + UUID still works.
+        raise UserError(f"{ckpt}: registered checkpoint not found there; pass --storage DIR "
+                        f"(the YAML's checkpoint_storage) and {latest['storage_id']}")
+    return _checkpoint_in(ckpt)
+
+
+def _download(source: str, download_dir: Path) -> Path:
+    import determined as det
+
+    if not (os.environ.get("DET_MASTER") or os.environ.get("DET_MASTER_ADDR") or det.get_cluster_info()):
+        raise UserError(f"{source}: not a local path and no Determined master is configured; pass --storage DIR "
+                        "(the directory holding <uuid>/) or set DET_MASTER to fetch it from the cluster")
+    # Untested here (no master in CI): two calls of determined.experimental.client, kept minimal on purpose.
+    from determined.experimental import client
+
+    if source.startswith("best:"):
+        experiment_id = source[len("best:"):]
+        if not experiment_id.isdigit():
+            raise UserError(f"{source}: expected best:<experiment id>, e.g. best:42")
+        # Sorted by the experiment's searcher metric and smaller_is_better when no sort_by is given.
+        found = client.get_experiment(int(experiment_id)).list_checkpoints(max_results=1)
+        if not found:
+            raise UserError(f"{source}: experiment {experiment_id} has no completed checkpoint")
+        checkpoint = found[0]
+    else:
+        checkpoint = client.get_checkpoint(source)
+    target = download_dir / checkpoint.uuid
+    checkpoint.download(str(target))
+    return _checkpoint_in(target)
+
+
+# ----- reading the weights ----------------------------------------------------------------------
+def _empty_tensors(path: Path) -> list:
+    """Names of zero-size tensors: what ZeRO-3 saves when the 16-bit weights are not gathered."""
+    with safe_open(str(path), framework="pt") as f:
+        return [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
+
+
+def _zero_tag(ckpt_dir: Path) -> Optional[str]:
+    """The global_stepN folder holding per-rank ZeRO shards, `latest`'s first (DeepSpeed's own pointer)."""
+    latest = ckpt_dir / "latest"
+    steps = {int(m.group(1)): p.name for p in ckpt_dir.glob("global_step*") if (m := STEP_RE.match(p.name))}
+    tags = ([latest.read_text().strip()] if latest.is_file() else []) + [steps[n] for n in sorted(steps, reverse=True)]
+    return next((t for t in tags if any((ckpt_dir / t).glob("*zero_pp_rank_*"))), None)
+
+
+def _consolidate(ckpt_dir: Path, tag: str, trainable_only: bool) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines meant for its own CLI
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag,
+                                                            exclude_frozen_parameters=trainable_only)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{ckpt_dir / tag}: cannot rebuild the weights from the ZeRO shards ({exc}); "
+                        f"{REBUILD_FIX}") from exc
+
+
+def _saved_adapter_key(name: str, adapter_name: str = "default") -> str:
+    """Module name -> peft's saved key: `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`.
+
+    The same rule as peft's own save (the adapter name is removed as the second-to-last part, or the last
+    part for bare parameters), so the rebuilt state dict loads exactly like a normally saved adapter.
+    """
+    if name.endswith(f".{adapter_name}"):
+        return name[:-len(adapter_name) - 1]
+    head, _, suffix = name.rpartition(".")
+    return f"{head.removesuffix('.' + adapter_name)}.{suffix}"
+
+
+def load_adapter(ckpt_dir: Path) -> tuple:
+    """(adapter config, adapter state dict with peft's saved keys), rebuilt from ZeRO-3 shards if empty."""
+    config, state, _ = _read_adapter(Path(ckpt_dir))
+    return config, state
+
+
+def _read_adapter(ckpt_dir: Path) -> tuple:
+    """load_adapter's result plus where the tensors came from, for export's report."""
+    config_path, weights = ckpt_dir / "adapter_config.json", ckpt_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; the checkpoint has {config_path.name} but no adapter weights")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    state = load_file(str(weights))
+    empty = _empty_tensors(weights)
+    if state and not empty:
+        return config, state, ""
+    tag = _zero_tag(ckpt_dir)
+    if tag is None:
+        what = f"tensor {empty[0]} has size 0" if empty else "holds no tensors"
+        raise UserError(f"{weights}: {what} (saved under ZeRO-3 without stage3_gather_16bit_weights_on_model_save "
+                        f"and no ZeRO shards to rebuild it from); {REBUILD_FIX}")
+    consolidated = {_saved_adapter_key(name): tensor
+                    for name, tensor in _consolidate(ckpt_dir, tag, trainable_only=True).items()}
+    rebuilt = f" rebuilt from ZeRO-3 shards ({tag})"
+    if not state:  # no names saved to go by: the trainable parameters are the adapter
+        return config, consolidated, rebuilt
+    missing = sorted(set(state) - set(consolidated))
+    if missing:
+        raise UserError(f"{ckpt_dir / tag}: the ZeRO shards lack {missing[0]} (and {len(missing) - 1} more) of "
+                        f"{weights.name}; {REBUILD_FIX}")
+    # The shards hold fp32 master weights; cast to what the file would have held had it been gathered.
+    return config, {key: consolidated[key].to(state[key].dtype) for key in state}, rebuilt
+
+
+# ----- building the model -----------------------------------------------------------------------
+def _resolve_base(name: str) -> str:
+    """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged."""
+    for candidate in (Path(name).expanduser(), REPO / name) if name else ():
+        if candidate.is_dir():
+            return str(candidate)
+    if not name or name.startswith((".", "/", "~")):
+        raise UserError(f"{name or 'adapter_config.json base_model_name_or_path (empty)'}: base model directory "
+                        "not found; pass --base MODEL, the base the adapter was trained on")
+    return name
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """from_pretrained partitions weights under zero.Init while a ZeRO-3 HfDeepSpeedConfig is alive in this
+    process (TrainingArguments made earlier); the CLI runs in a fresh process, where there is none."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def merge(base: str, adapter_config: dict, adapter_state: dict, dtype):
+    """The base model on CPU with the adapter merged in, as a plain transformers model."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with _no_zero3_init():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    # The base we were given wins over the path recorded at training time (peft warns when they differ).
+    config = PeftConfig.from_peft_type(**{**adapter_config, "inference_mode": True, "base_model_name_or_path": base})
+    model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(model, adapter_state)
+    unloaded = [k for k in result.missing_keys if "lora_" in k] + list(result.unexpected_keys)
+    if unloaded:
+        raise UserError(f"adapter does not fit base {base}: {unloaded[0]} (and {len(unloaded) - 1} more) "
+                        "not loaded; pass the base it was trained on with --base")
+    # peft keeps LoRA weights in fp32 and casts the delta to the base dtype when merging.
+    return model.merge_and_unload()
+
+
+def _full_model(ckpt_dir: Path, dtype):
+    """A fully fine-tuned checkpoint's model: its saved weights, or the ZeRO shards when those are empty."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = [p for p in ckpt_dir.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
+    empty = any(_empty_tensors(p) for p in weights)
+    if (weights or list(ckpt_dir.glob("pytorch_model*.bin"))) and not empty:
+        with _no_zero3_init():
+            return AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype), "saved weights"
+    tag = _zero_tag(ckpt_dir)
+    if tag is None:
+        raise UserError(f"{ckpt_dir}: no model weights (missing or of size 0) and no ZeRO shards to rebuild them "
+                        f"from; {REBUILD_FIX}")
+    state = _consolidate(ckpt_dir, tag, trainable_only=False)
+    with _no_zero3_init():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt_dir), dtype=dtype)
+    incompatible = model.load_state_dict(state, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        bad = (incompatible.missing_keys or incompatible.unexpected_keys)[0]
+        raise UserError(f"{ckpt_dir / tag}: the ZeRO shards do not match config.json ({bad}); {REBUILD_FIX}")
+    ranks = len(list((ckpt_dir / tag).glob("*zero_pp_rank_*model_states.pt")))
+    return model, f"consolidated ZeRO-3 shards ({tag}, {ranks} ranks)"
+
+
+# ----- writing ----------------------------------------------------------------------------------
+def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype: str) -> tuple:
+    """Write the model (or adapter) weights and config; returns (what was done, the resolved base or None)."""
+    if not (ckpt / "adapter_config.json").is_file():
+        if adapter_only:
+            raise UserError(f"{ckpt}: no adapter here (a full fine-tuning checkpoint); drop --adapter-only")
+        model, how = _full_model(ckpt, DTYPES[dtype])
+        model.save_pretrained(model_dir)
+        return f"fully fine-tuned model from {how}, {dtype}", _resolve_base(base) if base else None
+    config, state, rebuilt = _read_adapter(ckpt)
+    base_name = _resolve_base(base or config.get("base_model_name_or_path") or "")
+    lora = f"adapter of r={config.get('r')}, alpha={config.get('lora_alpha')}{rebuilt}"
+    if not adapter_only:
+        merge(base_name, config, state, dtype).save_pretrained(model_dir)
+        return f"merged {lora} into {base_name}, {dtype}", base_name
+    # Written as trained: LoRA weights are small and kept in fp32 by peft, so --dtype is not applied.
+    write_adapter(model_dir, {**config, "base_model_name_or_path": base or config.get("base_model_name_or_path")},
+                  state)
+    return f"{lora} only, for base {base_name}", base_name
+
+
+def write_adapter(directory: Path, adapter_config: dict, adapter_state: dict) -> Path:
+    """An adapter directory that PeftModel.from_pretrained loads (e.g. load_adapter's rebuilt result)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(directory / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    return directory
+
+
+def export(source, out: Path, base=None, adapter_only=False, dtype="bfloat16", storage=None) -> Path:
+    """Write SOURCE as a model directory at OUT that loads with AutoModelForCausalLM.from_pretrained."""
+    from transformers import AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose a new --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside OUT and renamed at the end, so a failure never leaves a half-written model there.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ckpt = resolve_checkpoint(str(source), storage, download_dir=staging / "download")
+        model_dir = staging / "model"
+        what, base_name = _write_weights(ckpt, model_dir, base, adapter_only, dtype)
+        # The checkpoint's tokenizer carries the pad token and chat template the run trained with.
+        tokenizer_from = ckpt if (ckpt / "tokenizer_config.json").is_file() else base_name
+        if tokenizer_from is None:
+            raise UserError(f"{ckpt}: no tokenizer saved in the checkpoint; pass --base MODEL to take it from")
+        AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(model_dir)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        model_dir.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out}: {what} (checkpoint {ckpt})", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swallow_ft.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint-N dir, Determined checkpoint dir, run dir, UUID or best:<exp id>")
+    parser.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    parser.add_argument("--base", help="base model for an adapter (default: adapter_config.json's)")
+    parser.add_argument("--adapter-only", action="store_true", help="write the adapter, do not merge it")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--storage", help="checkpoint storage directory holding <uuid>/ (for a UUID source)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.source, args.out, base=args.base, adapter_only=args.adapter_only, dtype=args.dtype,
+               storage=args.storage)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Exporting checkpoints of real short runs as standalone models (python -m swallow_ft.export).
+
+Merged LoRA must compute what base + adapter computes, for a single process and for 2 ZeRO-3 ranks; an
+adapter saved empty by ZeRO-3 is rebuilt from the shards, or refused with the fix when there are none.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, run_clm
+from swallow_ft.errors import UserError
+from swallow_ft.export import export, load_adapter, main, merge, resolve_checkpoint
+
+SHORT = ["--max_steps", 10, "--save_steps", 10, "--eval_steps", 10]
+PROMPT = "<s>[INST] 81 と 70 の和を求めなさい。 [/INST]"
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+EMPTY_ADAPTER_ERROR = (r"{dir}/adapter_model\.safetensors: tensor base_model\.model\.\S+\.lora_[AB]\.weight has size 0 "
+                       r"\(saved under ZeRO-3 without stage3_gather_16bit_weights_on_model_save and no ZeRO shards "
+                       r"to rebuild it from\); re-save with ds_configs/ds_config_stage_3\.json")
+
+
+def train(config, runs_dir, *flags):
+    result = run_clm("--config", config, "--runs_dir", runs_dir, *SHORT, *flags)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    train("experiments/local_tiny.yaml", runs_dir)
+    return runs_dir / "local_tiny"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_model, tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs_ds3")
+    train("experiments/local_tiny_ds3.yaml", runs_dir)
+    return runs_dir / "local_tiny_ds3"
+
+
+@pytest.fixture(scope="module")
+def zero3_full_run(tiny_model, tmp_path_factory):
+    """Full fine-tuning under 2 ZeRO-3 ranks: gathered bf16 weights in model.safetensors, plus the shards."""
+    runs_dir = tmp_path_factory.mktemp("runs_ds3_full")
+    train("experiments/local_tiny_ds3.yaml", runs_dir, "--use_lora", "false")
+    return runs_dir / "local_tiny_ds3"
+
+
+def forward_and_generate(model, tokenizer):
+    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+    return logits, generated[0, ids.shape[1]:].tolist()
+
+
+def base_plus_adapter(tiny_model, adapter_dir):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def emptied_copy(ckpt, dest, keep_shards):
+    """The checkpoint as ZeRO-3 saves it without gathering: every adapter tensor of size 0."""
+    ignore = None if keep_shards else shutil.ignore_patterns("global_step*", "latest")
+    shutil.copytree(ckpt, dest, ignore=ignore)
+    saved = load_file(dest / "adapter_model.safetensors")
+    save_file({k: torch.empty(0, dtype=v.dtype) for k, v in saved.items()}, dest / "adapter_model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("run", ["lora_run", "zero3_run"])
+def test_merged_model_computes_base_plus_adapter(run, request, tiny_model, tmp_path):
+    run_dir = request.getfixturevalue(run)
+    ckpt = resolve_checkpoint(str(run_dir))
+    out = export(run_dir, tmp_path / "merged", dtype="float32")
+
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json"} | TOKENIZER_FILES <= files
+    assert not any(name.endswith(".bin") or name.startswith("adapter_") for name in files)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32 and not any("lora" in k for k in merged.state_dict())
+
+    reference = base_plus_adapter(tiny_model, ckpt)
+    merged_logits, merged_ids = forward_and_generate(merged, tokenizer)
+    reference_logits, reference_ids = forward_and_generate(reference, tokenizer)
+    torch.testing.assert_close(merged_logits, reference_logits, atol=1e-4, rtol=0)
+    assert merged_ids == reference_ids
+    with reference.disable_adapter():  # the adapter really changes the model: the test is not vacuous
+        base_logits, _ = forward_and_generate(reference, tokenizer)
+    assert (base_logits - reference_logits).abs().max() > 1e-2
+
+
+def test_adapter_only_writes_the_adapter_and_the_tokenizer(lora_run, tiny_model, tmp_path):
+    ckpt = resolve_checkpoint(str(lora_run))
+    out = export(lora_run, tmp_path / "adapter", adapter_only=True)
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"} | TOKENIZER_FILES
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == 0
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    exported, _ = forward_and_generate(base_plus_adapter(tiny_model, out), tokenizer)
+    original, _ = forward_and_generate(base_plus_adapter(tiny_model, ckpt), tokenizer)
+    assert torch.equal(exported, original)
+
+
+def test_every_kind_of_local_source_names_the_same_checkpoint(lora_run, monkeypatch):
+    ckpt = resolve_checkpoint(str(lora_run))  # the run directory: its latest registered checkpoint
+    uuid_dir = ckpt.parent
+    assert re.fullmatch(r"checkpoint-10", ckpt.name) and (uuid_dir / "metadata.json").is_file()
+    assert resolve_checkpoint(str(uuid_dir)) == ckpt  # a Determined checkpoint directory
+    assert resolve_checkpoint(str(ckpt)) == ckpt
+    assert resolve_checkpoint(uuid_dir.name, storage=str(lora_run / "checkpoints")) == ckpt
+
+    for name in ("DET_MASTER", "DET_MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for source in (uuid_dir.name, "best:42"):
+        with pytest.raises(UserError, match=r"no Determined master is configured; pass --storage DIR .*DET_MASTER"):
+            resolve_checkpoint(source)
+
+
+def test_empty_adapter_without_shards_is_refused_and_nothing_is_written(zero3_run, tmp_path):
+    empty = emptied_copy(resolve_checkpoint(str(zero3_run)), tmp_path / "checkpoint-10", keep_shards=False)
+    with pytest.raises(UserError) as caught:
+        load_adapter(empty)
+    assert re.fullmatch(EMPTY_ADAPTER_ERROR.format(dir=re.escape(str(empty))), str(caught.value)), caught.value
+
+    with pytest.raises(UserError, match="has size 0"):
+        export(empty, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]  # no model, no staging leftovers
+
+
+def test_empty_adapter_with_zero3_shards_is_rebuilt_from_them(zero3_run, tiny_model, tmp_path, capsys):
+    good = resolve_checkpoint(str(zero3_run))
+    empty = emptied_copy(good, tmp_path / "checkpoint-10", keep_shards=True)
+    with safe_open(str(empty / "adapter_model.safetensors"), framework="pt") as f:
+        assert all(f.get_slice(k).get_shape() == [0] for k in f.keys())
+
+    config, rebuilt = load_adapter(empty)
+    good_config, saved = load_adapter(good)
+    assert config == good_config and rebuilt.keys() == saved.keys()
+    assert all(rebuilt[k].dtype == saved[k].dtype and torch.equal(rebuilt[k], saved[k]) for k in saved)
+
+    out = export(empty, tmp_path / "merged", dtype="float32")
+    assert "merged adapter of r=16, alpha=32 rebuilt from ZeRO-3 shards" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rebuilt_logits, _ = forward_and_generate(AutoModelForCausalLM.from_pretrained(out), tokenizer)
+    good_logits, _ = forward_and_generate(merge(str(tiny_model), good_config, saved, "float32"), tokenizer)
+    torch.testing.assert_close(rebuilt_logits, good_logits, atol=1e-4, rtol=0)
+
+
+def test_full_fine_tuning_without_saved_weights_is_consolidated_from_zero3_shards(zero3_full_run, tmp_path, capsys):
+    ckpt = resolve_checkpoint(str(zero3_full_run))
+    assert not (ckpt / "adapter_config.json").exists()
+    # What the Trainer leaves without stage3_gather_16bit_weights_on_model_save: no model.safetensors at all.
+    shutil.copytree(ckpt, tmp_path / "checkpoint-10", ignore=shutil.ignore_patterns("model.safetensors"))
+    from_saved = export(ckpt, tmp_path / "from_saved")
+    from_shards = export(tmp_path / "checkpoint-10", tmp_path / "from_shards")
+    printed = capsys.readouterr().out
+    assert "fully fine-tuned model from saved weights, bfloat16" in printed
+    assert "fully fine-tuned model from consolidated ZeRO-3 shards (global_step10, 2 ranks), bfloat16" in printed
+
+    saved, rebuilt = (load_file(d / "model.safetensors") for d in (from_saved, from_shards))
+    # The fp32 master weights rounded to bf16 are exactly the bf16 weights the ranks trained with.
+    assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+    assert AutoModelForCausalLM.from_pretrained(from_shards).dtype == torch.bfloat16
+
+
+def test_cli_exports_a_run_directory(lora_run, tmp_path):
+    out = tmp_path / "model"
+    result = subprocess.run([sys.executable, "-m", "swallow_ft.export", str(lora_run), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}: merged adapter of r=16, alpha=32 into .cache/tiny-swallow, bfloat16" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_cli_missing_source_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "runs" / "nope"
+    assert main([str(missing), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {missing}: no such checkpoint directory") and err.count("\n") == 1
+    assert not (tmp_path / "model").exists()

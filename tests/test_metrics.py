@@ -1,0 +1,48 @@
+"""Japanese-aware answer scores: characters, not whitespace words; the final number for math."""
+
+from decimal import Decimal
+
+import pytest
+
+from swallow_ft.metrics import char_f1, final_number, mean_scores, normalize, number_match, rouge_l, score
+
+
+def test_whitespace_free_japanese_is_scored_by_characters():
+    reference = "富士山は日本で一番高い山です。"
+    assert char_f1(reference, reference) == 1.0 and rouge_l(reference, reference) == 1.0
+    # One word changed: a whitespace tokeniser sees one token and would score 0.
+    near = "富士山は日本で二番目に高い山です。"
+    assert 0.7 < char_f1(near, reference) < 1.0
+    assert 0.7 < rouge_l(near, reference) < 1.0
+    assert char_f1("東京は首都です。", reference) < 0.4
+
+
+def test_rouge_l_respects_order_where_char_f1_does_not():
+    assert char_f1("山高", "高山") == 1.0
+    assert rouge_l("山高", "高山") == 0.5
+
+
+def test_nfkc_folds_full_width_and_spacing():
+    assert normalize("Ｓｗａｌｌｏｗ　１２３ です") == "Swallow123です"
+    assert char_f1("答え：１５１", "答え: 151") == 1.0
+
+
+@pytest.mark.parametrize("text, number", [
+    ("81 + 70 = 151 です。答え: 151", Decimal(151)),
+    ("答えは１，０００円です", Decimal(1000)),
+    ("x = -3.5", Decimal("-3.5")),
+    ("平均は 12 ÷ 4 = 3", Decimal(3)),
+    ("わかりません", None),
+])
+def test_final_number(text, number):
+    assert final_number(text) == number
+
+
+def test_number_match_and_means():
+    assert number_match("答え: 151", "81 + 70 = 151 です。答え: 151") == 1.0
+    assert number_match("151 ではなく 150", "答え: 151") == 0.0
+    assert number_match("こんにちは", "こんにちは。") is None  # not a math answer: left out of the mean
+    rows = [score("答え: 151", "答え: 151"), score("答え: 7", "答え: 8"), score("やあ", "こんにちは")]
+    means = mean_scores(rows)
+    assert means["number_match"] == 0.5
+    assert 0 < means["char_f1"] < 1

@@ -1,0 +1,40 @@
+"""Finetune_Swallow_70B.ipynb runs top to bottom on a real Jupyter kernel against tiny Swallow."""
+
+import json
+
+import nbformat
+from nbclient import NotebookClient
+
+from conftest import REPO, run_clm
+
+NOTEBOOK = REPO / "Finetune_Swallow_70B.ipynb"
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
+    assert "parameters" in code[0]["metadata"].get("tags", [])
+
+
+def test_notebook_executes_headless_against_a_local_run(tiny_model, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", runs, "--max_steps", 20,
+                     "--eval_steps", 10, "--save_steps", 10)
+    assert result.returncode == 0, result.stderr[-3000:]
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # Inject parameters after the tagged cell, as papermill does.
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+        f'BASE_MODEL = "{tiny_model}"\nCHECKPOINT = RUN_DIR = "{runs / "local_tiny"}"\n'
+        f'OUT = "{tmp_path / "comparison"}"\nN_PROMPTS = 4\nMAX_NEW_TOKENS = 16'))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curves
+    markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
+    assert "| model | char F1 |" in markdown and "| tuned |" in markdown
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "base :" in printed and "tuned:" in printed
+    assert (tmp_path / "comparison" / "comparison.jsonl").exists()
