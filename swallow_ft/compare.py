@@ -27,7 +27,7 @@ from swallow_ft.data.encoding import IGNORE, encode
 from swallow_ft.data.loading import load_raw_datasets
 from swallow_ft.data.shapes import detect_shape, to_conversation
 from swallow_ft.data.templates import LLAMA3_SPECIALS, Conversation, Turn, choose_format
-from swallow_ft.errors import UserError
+from swallow_ft.errors import UserError, exit_code_of
 
 
 @dataclass
@@ -266,14 +266,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device_map", help='e.g. "auto" to spread a 70B model over the GPUs')
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         summary = compare(args.base, args.tuned, args.prompts, args.out, args.prompt_format, args.system_prompt,
                           args.max_new_tokens, args.batch_size, args.n, args.dtype, args.device_map)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"\n{summary_table(summary)}\n\nreport: {args.out / 'comparison.md'} (rows: {args.out / 'comparison.jsonl'})")
-    return 0
+        print(f"\n{summary_table(summary)}\n\nreport: {args.out / 'comparison.md'} "
+              f"(rows: {args.out / 'comparison.jsonl'})")
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":

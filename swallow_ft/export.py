@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from swallow_ft.errors import UserError
+from swallow_ft.errors import UserError, exit_code_of
 from swallow_ft.local_core import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,13 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--storage", help="checkpoint storage directory holding <uuid>/ (for a UUID source)")
     args = parser.parse_args(argv)
-    try:
-        export(args.source, args.out, base=args.base, adapter_only=args.adapter_only, dtype=args.dtype,
-               storage=args.storage)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: export(args.source, args.out, base=args.base, adapter_only=args.adapter_only,
+                                       dtype=args.dtype, storage=args.storage))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,15 @@ import determined as det
 from swallow_ft.arguments import parse_input_arguments
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
+from swallow_ft.local_core import (
+    LocalCheckpointContext,
+    LocalTrainContext,
+    SignalPreemptContext,
+    latest_checkpoint,
+    read_jsonl,
+    truncate_metrics,
+)
 from swallow_ft.preflight import startup_checks
-from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
-                                   latest_checkpoint, read_jsonl, truncate_metrics)
 
 logger = logging.getLogger("swallow_ft.runtime")
 

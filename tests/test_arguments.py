@@ -1,8 +1,8 @@
 """Flags and experiment files: what the seed's YAML needs on transformers 5, and clear errors."""
 
 import pytest
-
 from conftest import REPO, run_clm
+
 from swallow_ft.arguments import dict2args, parse_input_arguments
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import determined as det
 import pytest
+from conftest import REPO, checkpoint_steps, read_metrics
 from determined import core
 
 import run_clm
-from conftest import REPO, checkpoint_steps, read_metrics
 from swallow_ft import det_callback, runtime
 from swallow_ft.errors import UserError
 from swallow_ft.local_core import LocalTrainContext
@@ -133,8 +133,9 @@ def test_searcher_metric_must_be_reported(cluster, tiny_model, tmp_path):
 
 
 def test_det_callback_is_ours_not_upstreams():
-    import hf_callback
     from determined.transformers import DetCallback as Upstream
+
+    import hf_callback
 
     assert not issubclass(hf_callback.DetCallback, Upstream)
     assert Path(hf_callback.__file__).parent == REPO

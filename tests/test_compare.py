@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_clm
+
 from swallow_ft.compare import SideBySide, compare
 
 

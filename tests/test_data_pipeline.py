@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from conftest import REPO
 from swallow_ft.arguments import DataTrainingArguments
 from swallow_ft.data import build_collator, build_datasets
 from swallow_ft.data.encoding import IGNORE

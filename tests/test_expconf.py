@@ -5,8 +5,8 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from swallow_ft.expconf import SCHEMA_DIR, validate
 
 SHIPPED = sorted((REPO / "experiments").glob("*.yaml")) + [REPO / "swallow_70b_ds3.yaml"]

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_clm
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, run_clm
 from swallow_ft.errors import UserError
 from swallow_ft.export import export, load_adapter, main, merge, resolve_checkpoint
 

@@ -8,8 +8,14 @@ import pytest
 from determined import core
 from determined.common.storage import SharedFSStorageManager
 
-from swallow_ft.local_core import (LocalCheckpointContext, LocalTrainContext, SignalPreemptContext,
-                                   latest_checkpoint, read_jsonl, truncate_metrics)
+from swallow_ft.local_core import (
+    LocalCheckpointContext,
+    LocalTrainContext,
+    SignalPreemptContext,
+    latest_checkpoint,
+    read_jsonl,
+    truncate_metrics,
+)
 
 
 def _context(tmp_path, storage_config, searcher=None):

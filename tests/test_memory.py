@@ -4,8 +4,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from swallow_ft import memory
-from swallow_ft.memory import (GiB, KNOWN_SHAPES, ModelShape, estimate, fits, gpu_memory_for_pool, shape_for,
-                               suggest_fixes)
+from swallow_ft.memory import (
+    KNOWN_SHAPES,
+    GiB,
+    ModelShape,
+    estimate,
+    fits,
+    gpu_memory_for_pool,
+    shape_for,
+    suggest_fixes,
+)
 
 
 def llama_config(shape: ModelShape, **extra) -> LlamaConfig:

@@ -3,9 +3,8 @@
 import json
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import REPO, run_clm
+from nbclient import NotebookClient
 
 NOTEBOOK = REPO / "Finetune_Swallow_70B.ipynb"
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from swallow_ft.preflight import check_experiment
 
 SHIPPED = sorted(REPO.glob("experiments/*.yaml")) + [REPO / "swallow_70b_ds3.yaml"]
@@ -201,3 +201,12 @@ def test_notebook_config_has_room_for_70b_in_bf16():
     gib = notebook["resources"]["slots"] * gpu_memory_for_pool(notebook["resources"]["resource_pool"])
     weights = KNOWN_SHAPES["swallow-70b"].total_params * 2 / 2**30
     assert gib > 1.5 * weights  # bf16 weights plus the KV cache and activations of generation
+
+
+def test_the_context_directory_stays_small():
+    """`det experiment create ... .` uploads the repo minus .detignore; the master's limit is 95 MB."""
+    ignored = (REPO / ".detignore").read_text().split()
+    assert {".venv/", "runs/", ".cache/"} <= set(ignored)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True).stdout.split("\0")
+    size = sum((REPO / f).stat().st_size for f in tracked if f and (REPO / f).is_file())
+    assert size < 5 * 2**20

@@ -19,7 +19,7 @@ from swallow_ft.data.encoding import IGNORE
 from swallow_ft.data.loading import encode_example, load_raw_datasets, source_name
 from swallow_ft.data.shapes import detect_shape
 from swallow_ft.data.templates import choose_format
-from swallow_ft.errors import UserError
+from swallow_ft.errors import UserError, exit_code_of
 from swallow_ft.experiment import Experiment
 from swallow_ft.model import load_tokenizer
 
@@ -78,13 +78,7 @@ def preview(options, model_args, data_args, out=sys.stdout):
 
 
 def main(argv=None) -> int:
-    try:
-        options, model_args, data_args = parse(sys.argv[1:] if argv is None else argv)
-        preview(options, model_args, data_args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: preview(*parse(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
