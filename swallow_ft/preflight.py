@@ -209,8 +209,8 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         return found
     if dsat and version >= (0, 38):
         found.problems.append(f"{path}: DSAT needs Determined <= 0.37 (0.38 removed determined.pytorch.dsat): "
-                              "use a 0.37 cluster and CLI, or pick the ZeRO stage and micro-batch from the memory "
-                              "estimate of python -m swallow_ft.preflight --gpu-mem GIB")
+                              "use a 0.37 cluster and CLI, or use the planner: python -m swallow_ft.plan --model M "
+                              "--gpus N --gpu-mem GIB --write EXPERIMENT.yaml")
     problem = check_searcher_length(exp.searcher, training_args) if exp.searcher else None
     if problem:
         found.problems.append(f"{path}: {problem}")

@@ -1,0 +1,231 @@
+"""Choose DeepSpeed and batch settings for a model, GPU count and GPU size (DSAT's job; DSAT left Determined 0.38).
+
+    python -m swallow_ft.plan --model tokyotech-llm/Swallow-70b-instruct-v0.1 --gpus 4 --gpu-mem 80 --seq 2048 --lora
+    python -m swallow_ft.plan --model ... --gpus 4 --gpu-mem 80 --write swallow_70b_ds3.yaml
+
+Every setting that fits (swallow_ft.memory) is timed with a simple model, and the fastest wins:
+- compute per micro-step: FLOPs per token (6N full fine-tuning; 4N with a frozen LoRA base, whose weight gradients are
+  never formed; +2N when activations are recomputed) x tokens / the GPU's sustained bf16 rate;
+- ZeRO-3 moves every (frozen) weight to every GPU twice per micro-step, forward and backward: about
+  2 x weight bytes x (N-1)/N per GPU. DeepSpeed prefetches it during compute, so a micro-step costs
+  max(compute, all-gather) plus ZeRO-3's fixed bookkeeping (measured on an H100); the planner grows the
+  micro-batch until compute hides the gathers and amortises the rest;
+- gradients are all-reduced once per optimizer step (tiny for LoRA); offloaded optimizer states cross PCIe twice;
+  each micro-step also pays a fixed launch overhead, so of two equally fast settings the larger micro-batch wins.
+The rates are assumptions (GPU_SPECS, overridable with --tflops/--interconnect-gbps), so treat the time as a
+ranking, and measure with bench/throughput.py.
+"""
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from swallow_ft import memory
+from swallow_ft.errors import UserError, exit_code_of
+
+# Sustained bf16 TFLOP/s a fine-tuning step reaches (about 45% of the dense peak), and the per-GPU all-gather
+# bandwidth in GB/s inside one NVLink node; PCIe for offload traffic.
+GPU_SPECS = {"h200": (360, 300), "h100": (350, 300), "a100": (140, 200), "a6000": (70, 25), "l40": (80, 25),
+             "a10": (55, 25), "l4": (50, 25), "v100": (50, 100)}
+PCIE_GBPS = 20
+# Kernel launches, the Python loop and the loss per micro-step: why fewer, larger micro-batches win a tie.
+MICRO_STEP_OVERHEAD_S = 0.02
+# ZeRO-3's own cost per micro-step even with nothing to gather (per-module hooks, partition bookkeeping):
+# on one H100, Swallow-7B LoRA at 1 x 2048 ran at 3,624 tokens/s with ZeRO-3 and 11,824 without DeepSpeed
+# (research/gpu-baseline-h100.md), about 0.39 s per micro-step for 6.8B parameters.
+ZERO3_OVERHEAD_S_PER_BILLION = 0.057
+DS_CONFIGS = {2: "ds_configs/ds_config_stage_2.json", 3: "ds_configs/ds_config_stage_3.json"}
+OFFLOAD_CONFIG = "ds_configs/ds_config_stage_3_offload.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    zero_stage: int
+    micro_batch: int
+    checkpointing: bool
+    offload: bool = False
+
+
+@dataclass
+class Plan:
+    setting: Setting
+    accumulation: int
+    estimate: memory.MemoryEstimate
+    compute_s: float
+    gather_s: float
+    step_s: float
+    tokens_per_second_per_gpu: float
+    reasons: List[str]
+
+
+def _step_time(shape, setting: Setting, gpus: int, seq: int, lora: bool, accumulation: int, tflops: float,
+               link_gbps: float):
+    params = shape.total_params
+    flops_per_token = (4 if lora else 6) * params + (2 * params if setting.checkpointing else 0)
+    compute = flops_per_token * setting.micro_batch * seq / (tflops * 1e12)
+    gather = 2 * 2 * params * (gpus - 1) / gpus / (link_gbps * 1e9) if setting.zero_stage == 3 else 0.0
+    trainable = shape.lora_params(16, "all-linear") if lora else params
+    reduce = 2 * 2 * trainable * (gpus - 1) / gpus / (link_gbps * 1e9) if gpus > 1 else 0.0
+    offload = 2 * memory.ADAM_STATE_BYTES * trainable / gpus / (PCIE_GBPS * 1e9) if setting.offload else 0.0
+    zero3 = ZERO3_OVERHEAD_S_PER_BILLION * params / 1e9 if setting.zero_stage == 3 else 0.0
+    step = accumulation * (max(compute, gather) + zero3 + MICRO_STEP_OVERHEAD_S) + reduce + offload
+    return compute, gather, step
+
+
+def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bool, global_batch: int,
+         lora_r: int = 16, tflops: Optional[float] = None, link_gbps: Optional[float] = None, gpu: str = "h100"
+         ) -> Plan:
+    default_tflops, default_link = GPU_SPECS.get(gpu.lower(), GPU_SPECS["h100"])
+    tflops, link_gbps = tflops or default_tflops, link_gbps or default_link
+    candidates = []
+    for zero_stage in ((0,) if gpus == 1 else (0, 2)) + (3,):
+        for offload in (False, True) if zero_stage == 3 else (False,):
+            for checkpointing in (False, True):
+                micro = 1
+                while micro * gpus <= max(global_batch, gpus):
+                    candidates.append(Setting(zero_stage, micro, checkpointing, offload))
+                    micro *= 2
+    best = None
+    for setting in candidates:
+        est = memory.estimate(shape, gpus=gpus, zero_stage=setting.zero_stage, micro_batch=setting.micro_batch,
+                              seq_len=seq, lora_r=lora_r if lora else None, gradient_checkpointing=setting.checkpointing,
+                              offload_optimizer=setting.offload, offload_params=setting.offload)
+        if not memory.fits(est, gpu_mem):
+            continue
+        accumulation = max(1, math.ceil(global_batch / (setting.micro_batch * gpus)))
+        compute, gather, step = _step_time(shape, setting, gpus, seq, lora, accumulation, tflops, link_gbps)
+        speed = setting.micro_batch * seq * accumulation / step
+        # The fastest wins; offload and recomputation must earn their complexity by a few percent.
+        key = (speed * (0.97 if setting.offload else 1.0) * (0.99 if setting.checkpointing else 1.0),
+               -setting.zero_stage)
+        if best is None or key > best[0]:
+            best = (key, Plan(setting, accumulation, est, compute, gather, step, speed, []))
+    if best is None:
+        raise UserError(f"nothing fits {gpus} x {gpu_mem:g} GiB for {shape.total_params / 1e9:.1f}B parameters at "
+                        f"{seq} tokens, even micro-batch 1 with ZeRO-3, offload and recomputation: add GPUs")
+    chosen = best[1]
+    chosen.reasons = _reasons(shape, chosen, gpus, gpu_mem, lora)
+    return chosen
+
+
+def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List[str]:
+    s = chosen.setting
+    weights_gib = 2 * shape.total_params / memory.GiB
+    reasons = []
+    if s.zero_stage == 3:
+        reasons.append(f"ZeRO-3: the bf16 weights ({weights_gib:.0f} GiB) do not fit beside the rest on one "
+                       f"{gpu_mem:g} GiB GPU, so they are sharded {gpus} ways")
+        reasons.append(f"micro-batch {s.micro_batch}: compute {chosen.compute_s * 1e3:.0f} ms per micro-step vs "
+                       f"{chosen.gather_s * 1e3:.0f} ms to all-gather the weights twice "
+                       f"({2 * weights_gib * (gpus - 1) / gpus:.0f} GiB per GPU); "
+                       + ("compute hides it" if chosen.compute_s >= chosen.gather_s else "the gathers still dominate"))
+    else:
+        reasons.append(f"no ZeRO-3: the bf16 weights ({weights_gib:.0f} GiB) fit each GPU, and sharding frozen "
+                       "weights would only add an all-gather to every forward and backward")
+    if s.zero_stage == 2:
+        reasons.append("ZeRO-2: sharding optimizer state and gradients is what makes full fine-tuning fit")
+    if s.checkpointing:
+        reasons.append("activation checkpointing: without it the activations of this micro-batch do not fit")
+    if s.offload:
+        reasons.append("CPU offload: nothing else fits; expect PCIe to dominate the step")
+    reasons.append(f"gradient accumulation {chosen.accumulation} for a global batch of "
+                   f"{s.micro_batch * gpus * chosen.accumulation} sequences")
+    reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")
+    return reasons
+
+
+def flags_for(chosen: Plan, seq: int) -> List[str]:
+    s = chosen.setting
+    flags = ["--per_device_train_batch_size", str(s.micro_batch), "--gradient_accumulation_steps",
+             str(chosen.accumulation), "--block_size", str(seq), "--packing", "--bf16"]
+    if s.checkpointing:
+        flags.append("--activation_checkpointing")
+    if s.zero_stage:
+        flags += ["--deepspeed", OFFLOAD_CONFIG if s.offload else DS_CONFIGS[s.zero_stage]]
+    return flags
+
+
+PLANNED = {"--per_device_train_batch_size": 1, "--per_device_eval_batch_size": 1, "--gradient_accumulation_steps": 1,
+           "--block_size": 1, "--deepspeed": 1, "--packing": 0, "--bf16": 0, "--fp16": 0,
+           "--activation_checkpointing": 0, "--gradient_checkpointing": 0}
+LAUNCHER = re.compile(r"python -m determined\.launch\.\w+\s+")
+
+
+def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
+    """Rewrite the entrypoint's planned flags, the launcher and slots_per_trial; comments stay."""
+    from swallow_ft.experiment import Experiment
+
+    exp = Experiment.load(path)
+    kept, skip = [], 0
+    for token in exp.script_args():
+        if skip:
+            skip -= 1
+        elif token in PLANNED:
+            skip = PLANNED[token]
+        else:
+            kept.append(token)
+    flags = flags_for(chosen, seq)
+    flags[2:2] = ["--per_device_eval_batch_size", str(chosen.setting.micro_batch)]
+    launcher = ("python -m determined.launch.deepspeed\n  " if chosen.setting.zero_stage
+                else "python -m determined.launch.torch_distributed\n  " if gpus > 1 else "")
+    lines, i = [], 0
+    args = kept + flags
+    while i < len(args):
+        takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        lines.append(" ".join(args[i:i + 2]) if takes_value else args[i])
+        i += 2 if takes_value else 1
+    block = "entrypoint: >-\n  " + launcher + "python run_clm.py\n" + "".join(f"  {line}\n" for line in lines)
+    text = path.read_text()
+    text = re.sub(r"entrypoint: >-\n(?:  .*\n)+", lambda _: block, text, count=1)
+    text = re.sub(r"(slots_per_trial: )\d+", rf"\g<1>{gpus}", text, count=1)
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swallow_ft.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Hub id, local dir, or a known Swallow name")
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
+    parser.add_argument("--gpu", default="h100", help=f"for the speed model: {', '.join(GPU_SPECS)}")
+    parser.add_argument("--seq", type=int, default=2048)
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--lora", action="store_true", default=True)
+    kind.add_argument("--full", action="store_true")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step")
+    parser.add_argument("--tflops", type=float, help="sustained bf16 TFLOP/s per GPU")
+    parser.add_argument("--interconnect-gbps", type=float, help="all-gather GB/s per GPU")
+    parser.add_argument("--write", type=Path, help="experiment YAML whose entrypoint gets the chosen flags")
+    args = parser.parse_args(argv)
+
+    def run():
+        shape = memory.shape_for(args.model) or memory.KNOWN_SHAPES.get(args.model)
+        if shape is None:
+            raise UserError(f"--model {args.model}: no config available offline; use a local dir or one of "
+                            f"{', '.join(memory.KNOWN_SHAPES)}")
+        chosen = plan(shape, args.gpus, args.gpu_mem, args.seq, not args.full, args.global_batch, args.lora_r,
+                      args.tflops, args.interconnect_gbps, args.gpu)
+        s = chosen.setting
+        print(f"plan for {args.model} ({shape.total_params / 1e9:.2f}B, {'full' if args.full else 'LoRA'}) on "
+              f"{args.gpus} x {args.gpu_mem:g} GiB ({args.gpu}):")
+        print(f"  ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}, micro-batch {s.micro_batch} x {args.seq}, "
+              f"accumulation {chosen.accumulation}, activation checkpointing {'on' if s.checkpointing else 'off'}")
+        print(f"  memory: {chosen.estimate}")
+        print(f"  time model: {chosen.step_s:.2f} s per optimizer step, "
+              f"~{chosen.tokens_per_second_per_gpu:,.0f} tokens/s per GPU (an estimate; measure with bench/)")
+        for reason in chosen.reasons:
+            print(f"  - {reason}")
+        print("  flags: " + " ".join(flags_for(chosen, args.seq)))
+        if args.write:
+            write_into(args.write, chosen, args.seq, args.gpus)
+            print(f"  wrote them into {args.write}")
+
+    return exit_code_of(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
