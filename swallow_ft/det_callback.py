@@ -23,6 +23,31 @@ from swallow_ft.errors import UserError
 logger = logging.getLogger("swallow_ft.det_callback")
 
 
+# Dense bf16 peak TFLOP/s by GPU name, for the MFU estimate (vendor numbers, no sparsity).
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A6000": 155, "A10": 125, "L4": 121,
+                    "V100": 125}
+
+
+def flops_per_token(model, recomputing: bool) -> float:
+    """6N per trained token for full fine-tuning, 4N when the base is frozen (LoRA: no weight gradients for it),
+    plus 2N when activation checkpointing runs the forward twice; N counts ZeRO-3-partitioned weights whole."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return ((6 if trainable > total / 2 else 4) + (2 if recomputing else 0)) * total
+
+
+def peak_flops() -> Optional[float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0).upper()
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def determined_version() -> tuple:
     return tuple(int(p) for p in det.__version__.split(".")[:2] if p.isdigit())
 
@@ -102,6 +127,7 @@ class DetCallback(TrainerCallback):
         self.constant_metrics: Dict[str, float] = {}
         self._tokens_at_last_log = self._tokens_at_start = None
         self._step_started = 0.0
+        self._flops_per_token_over_peak: Optional[float] = None
         self._step_seconds = self._step_seconds_since_log = 0.0
 
     # ----- start-up -------------------------------------------------------------------------------
@@ -124,8 +150,11 @@ class DetCallback(TrainerCallback):
         return path
 
     # ----- per step -------------------------------------------------------------------------------
-    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         self._tokens_at_start = self._tokens_at_last_log = state.num_input_tokens_seen
+        peak = peak_flops()
+        if model is not None and peak:
+            self._flops_per_token_over_peak = flops_per_token(model, args.activation_checkpointing) / peak
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -175,6 +204,8 @@ class DetCallback(TrainerCallback):
             per_second = (tokens - self._tokens_at_last_log) / self._step_seconds_since_log
             metrics["tokens_per_second"] = per_second
             metrics["tokens_per_second_per_gpu"] = per_second / max(1, args.world_size)
+            if self._flops_per_token_over_peak:  # model FLOPs utilisation, an estimate: see flops_per_token
+                metrics["mfu"] = metrics["tokens_per_second_per_gpu"] * self._flops_per_token_over_peak
         self._tokens_at_last_log, self._step_seconds_since_log = tokens, 0.0
         # The Trainer logs a run summary at the same step as the last in-loop log; the master
         # keeps one training row per step, so that second report is dropped (as upstream does).

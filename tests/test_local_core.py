@@ -92,3 +92,17 @@ def test_second_ctrl_c_aborts(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         preempt.close()
+
+
+def test_flops_per_token_counts_lora_and_recomputation(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from swallow_ft.det_callback import flops_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    n = sum(p.numel() for p in model.parameters())
+    assert flops_per_token(model, recomputing=False) == 6 * n
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    n_lora = sum(p.numel() for p in lora.parameters())
+    assert flops_per_token(lora, recomputing=True) == (4 + 2) * n_lora
