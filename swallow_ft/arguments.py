@@ -90,7 +90,14 @@ REMOVED_FLAGS = {
 DATACLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments)
 
 
+LOCAL_USAGE = ("Without a Determined cluster: python run_clm.py --config EXPERIMENT.yaml [--fresh] [--runs_dir runs] "
+               "[any flag above, to override the experiment's]. --fresh forgets the experiment's checkpoints.")
+
+
 class _Parser(HfArgumentParser):
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, epilog=LOCAL_USAGE)
+
     def error(self, message):  # argparse would print the whole usage and exit; one line is enough
         raise UserError(f"run_clm.py: {message}")
 

@@ -148,6 +148,9 @@ def without_deepspeed(flags: Sequence[str]) -> List[str]:
 
 def prepare_local(argv: Sequence[str], launched: bool) -> Job:
     cmd = parse_local_command(argv)
+    if cmd.config is None and not cmd.overrides:
+        raise UserError("nothing to run: try python run_clm.py --config experiments/local_tiny.yaml "
+                        "(or pass run_clm.py's flags; --help lists them)")
     experiment = Experiment.load(cmd.config) if cmd.config else None
     name = experiment.name if experiment else "run_clm"
     run_dir = cmd.runs_dir / name

@@ -140,3 +140,12 @@ def test_missing_local_model_dir_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --model_name_or_path .cache/tiny-swallow-missing: no such directory (run `make tiny` to build it)")
+
+
+def test_no_arguments_says_how_to_start():
+    result = run_clm()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: nothing to run: try python run_clm.py --config experiments/local_tiny.yaml "
+        "(or pass run_clm.py's flags; --help lists them)")
+    assert "--config EXPERIMENT.yaml" in run_clm("--help").stdout
