@@ -154,17 +154,22 @@ def _load_models(base: str, tuned: str, dtype: str, device_map: Optional[str]):
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
 
-    adapter_dir = _adapter_dir(tuned)
+    adapter = _adapter_of(tuned)
     base_model = load(base)
-    if adapter_dir is None:
+    if adapter is None:
         return base_model, load(tuned), contextlib.nullcontext
-    tuned_model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    from swallow_ft.export import write_adapter
+
+    # Written out only for peft's loader, which reads it into memory: nothing is left in /tmp.
+    with tempfile.TemporaryDirectory(prefix="swallow-adapter-") as adapter_dir:
+        write_adapter(Path(adapter_dir), *adapter)
+        tuned_model = PeftModel.from_pretrained(base_model, adapter_dir).eval()
     return tuned_model, tuned_model, tuned_model.disable_adapter
 
 
-def _adapter_dir(tuned: str) -> Optional[Path]:
-    """An adapter directory for --tuned, or None when it is a full (merged) model."""
-    from swallow_ft.export import load_adapter, resolve_checkpoint, write_adapter
+def _adapter_of(tuned: str) -> Optional[tuple]:
+    """(adapter config, state) for --tuned, or None when it is a full (merged) model."""
+    from swallow_ft.export import load_adapter, resolve_checkpoint
 
     path = Path(tuned)
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
@@ -173,10 +178,7 @@ def _adapter_dir(tuned: str) -> Optional[Path]:
     if not (checkpoint / "adapter_config.json").is_file():
         raise UserError(f"{tuned}: checkpoint {checkpoint} holds no LoRA adapter; export it with "
                         "python -m swallow_ft.export and pass the exported directory")
-    config, state = load_adapter(checkpoint)  # also rebuilds ZeRO-3 adapters that were saved empty
-    target = Path(tempfile.mkdtemp(prefix="swallow-adapter-"))
-    write_adapter(target, config, state)
-    return target
+    return load_adapter(checkpoint)  # also rebuilds ZeRO-3 adapters that were saved empty
 
 
 def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: str = "auto",

@@ -62,13 +62,13 @@ class Plan:
     reasons: List[str]
 
 
-def _step_time(shape, setting: Setting, gpus: int, seq: int, lora: bool, accumulation: int, tflops: float,
-               link_gbps: float):
+def _step_time(shape, setting: Setting, gpus: int, seq: int, lora_r: Optional[int], accumulation: int,
+               tflops: float, link_gbps: float):
     params = shape.total_params
-    flops_per_token = (4 if lora else 6) * params + (2 * params if setting.checkpointing else 0)
+    flops_per_token = (4 if lora_r else 6) * params + (2 * params if setting.checkpointing else 0)
     compute = flops_per_token * setting.micro_batch * seq / (tflops * 1e12)
     gather = 2 * 2 * params * (gpus - 1) / gpus / (link_gbps * 1e9) if setting.zero_stage == 3 else 0.0
-    trainable = shape.lora_params(16, "all-linear") if lora else params
+    trainable = shape.lora_params(lora_r, "all-linear") if lora_r else params
     reduce = 2 * 2 * trainable * (gpus - 1) / gpus / (link_gbps * 1e9) if gpus > 1 else 0.0
     offload = 2 * memory.ADAM_STATE_BYTES * trainable / gpus / (PCIE_GBPS * 1e9) if setting.offload else 0.0
     zero3 = ZERO3_OVERHEAD_S_PER_BILLION * params / 1e9 if setting.zero_stage == 3 else 0.0
@@ -97,7 +97,8 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
         if not memory.fits(est, gpu_mem):
             continue
         accumulation = max(1, math.ceil(global_batch / (setting.micro_batch * gpus)))
-        compute, gather, step = _step_time(shape, setting, gpus, seq, lora, accumulation, tflops, link_gbps)
+        compute, gather, step = _step_time(shape, setting, gpus, seq, lora_r if lora else None, accumulation,
+                                             tflops, link_gbps)
         speed = setting.micro_batch * seq * accumulation / step
         # The fastest wins; offload and recomputation must earn their complexity by a few percent.
         key = (speed * (0.97 if setting.offload else 1.0) * (0.99 if setting.checkpointing else 1.0),
