@@ -25,7 +25,7 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
                           cache_dir=model_args.cache_dir)
     if data.packing_efficiency is not None:
         det_callback.constant_metrics["packing_efficiency"] = data.packing_efficiency
-    model = load_model(model_args, training_args)
+    model = load_model(model_args, training_args, packing=data_args.packing)
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -14,6 +14,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from swallow_ft.errors import UserError
 
+ATTENTION_KERNELS = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
+
 
 @dataclass
 class ModelArguments:
@@ -29,7 +31,9 @@ class ModelArguments:
         metadata={"help": "dtype of the loaded base weights (default: follow --bf16/--fp16, else the checkpoint's).",
                   "choices": ["auto", "bfloat16", "float16", "float32"]})
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 or flex_attention."})
+        default="auto",
+        metadata={"help": "Attention kernel. auto: flex_attention for packed rows on a GPU (not under ZeRO-3), "
+                          "else sdpa.", "choices": list(ATTENTION_KERNELS)})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped in the model repo. Off: Swallow needs none."})
     use_lora: bool = field(
@@ -37,7 +41,10 @@ class ModelArguments:
         metadata={"help": "Train LoRA adapters (peft) on a frozen base instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA path. 0 (as in LLaMA-Factory and torchtune) skips a copy of every "
+                          "adapted layer's input: part of the measured default in bench/RESULTS.md."})
     lora_target_modules: str = field(
         default="all-linear",
         metadata={"help": "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear."})

@@ -1,5 +1,6 @@
 """Tokenizer and model loading, with LoRA adapters from peft."""
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -51,15 +52,42 @@ def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments):
     return torch.float32
 
 
-def load_model(model_args: ModelArguments, training_args: TrainingArguments):
+def flex_attention_available() -> bool:
+    from transformers.utils import is_torch_flex_attn_available
+
+    triton = importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_available() and is_torch_flex_attn_available() and triton
+
+
+def choose_attention(requested: str, packing: bool) -> str:
+    """Resolve --attn_implementation auto.
+
+    flex_attention for packed rows on a GPU: its block-sparse kernels skip the masked-out blocks of the
+    block-diagonal mask that packing needs, where SDPA must take an explicit mask and leave its fastest kernel
+    (bench/RESULTS.md: +7% tokens/s on an H100). Elsewhere sdpa. Under ZeRO-3 sdpa too, until flex is
+    measured there: the 70B job must work the first time.
+    """
+    if requested != "auto":
+        return requested
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if packing and flex_attention_available() and not is_deepspeed_zero3_enabled():
+        return "flex_attention"
+    return "sdpa"
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments, packing: bool = False):
     """Load the base model (partitioned at load time under ZeRO-3) and wrap it with LoRA if asked.
 
     TrainingArguments must exist before this call: with a ZeRO-3 config it registers DeepSpeed's
     zero.Init, so each rank only ever materialises its own shard of a 70B model in host RAM.
     """
+    attention = choose_attention(model_args.attn_implementation, packing)
+    if attention != model_args.attn_implementation:
+        logger.info("attention: %s (--attn_implementation %s)", attention, model_args.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-        dtype=resolve_dtype(model_args, training_args), attn_implementation=model_args.attn_implementation,
+        dtype=resolve_dtype(model_args, training_args), attn_implementation=attention,
         trust_remote_code=model_args.trust_remote_code)
     # The KV cache is for generation; in training it costs memory and breaks packed attention.
     model.config.use_cache = False

@@ -124,6 +124,35 @@ def check_data(data_args, found: Findings) -> None:
         found.problems.append(str(exc))
 
 
+def check_kernels(model_args, training_args, ds_config: dict, found: Findings, where: str,
+                  on_this_machine: bool) -> None:
+    """Kernel choices that would otherwise fail only after the weights are loaded. on_this_machine: also check
+    that this machine can run them (run_clm.py at start-up; not preflight, which runs on a laptop)."""
+    from importlib.util import find_spec
+
+    zero3 = (ds_config.get("zero_optimization") or {}).get("stage") == 3
+    if training_args.use_liger_kernel and zero3:
+        found.problems.append(f"{where}: --use_liger_kernel with ZeRO-3: Liger's fused cross-entropy reads "
+                              "lm_head.weight, which ZeRO-3 keeps sharded; drop --use_liger_kernel "
+                              "(python -m swallow_ft.plan leaves it out under ZeRO-3)")
+    if not on_this_machine:
+        return
+    import torch
+
+    if training_args.use_liger_kernel and not torch.cuda.is_available():
+        found.problems.append(f"{where}: --use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton): drop it "
+                              "to train on CPU")
+    elif training_args.use_liger_kernel and find_spec("liger_kernel") is None:
+        found.problems.append(f"{where}: --use_liger_kernel but liger-kernel is not installed: "
+                              "pip install liger-kernel==0.8.5 (requirements.txt pins it)")
+    if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        found.problems.append(f"{where}: --attn_implementation flex_attention has no backward pass on CPU: use auto "
+                              "(it picks sdpa here) or sdpa")
+    if model_args.attn_implementation == "flash_attention_2" and find_spec("flash_attn") is None:
+        found.problems.append(f"{where}: --attn_implementation flash_attention_2 needs the flash-attn package: "
+                              "install it, or use auto (flex_attention for packed rows on a GPU, else sdpa)")
+
+
 def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_config: dict,
                            gpu_mem: Optional[float], found: Findings, where: str, strict_memory: bool = True) -> None:
     from swallow_ft import memory
@@ -179,6 +208,7 @@ def startup_checks(model_args, data_args, training_args, world_size: Optional[in
     if training_args.deepspeed:
         ds_config = check_deepspeed_config(Path(training_args.deepspeed), training_args, world_size, found,
                                            "run_clm.py")
+    check_kernels(model_args, training_args, ds_config, found, "run_clm.py", on_this_machine=True)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     check_model_and_memory(model_args, data_args, training_args, world_size, ds_config, gpu_mem, found,
                            where="run_clm.py", strict_memory=False)
@@ -229,6 +259,7 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         else:
             ds_config = check_deepspeed_config(ds_path, training_args, exp.slots_per_trial, found, str(path))
         deepspeed_readable = bool(ds_config)
+    check_kernels(model_args, training_args, ds_config, found, str(path), on_this_machine=False)
     check_data(data_args, found)
     if not deepspeed_readable:
         found.notes.append("memory not estimated: the DeepSpeed config could not be read")

@@ -18,14 +18,16 @@ def test_70b_on_four_80gb_gpus_shards_with_zero3_and_hides_the_all_gather():
     assert chosen.compute_s >= chosen.gather_s  # the micro-batch is large enough for compute to hide the gathers
     assert chosen.setting.micro_batch > 1
     assert any("all-gather the weights twice" in r for r in chosen.reasons)
+    assert "--use_liger_kernel" not in flags_for(chosen, 2048)  # the fused loss reads lm_head, which ZeRO-3 shards
 
 
 @pytest.mark.parametrize("shape, gpus", [("swallow-7b", 1), ("swallow-13b", 2)])
 def test_models_that_fit_one_gpu_get_no_zero3(shape, gpus):
     chosen = plan(KNOWN_SHAPES[shape], gpus=gpus, gpu_mem=80, seq=2048, lora=True, global_batch=32)
     assert chosen.setting.zero_stage == 0 and not chosen.setting.offload
-    assert "--deepspeed" not in flags_for(chosen, 2048)
+    assert "--deepspeed" not in flags_for(chosen, 2048) and "--use_liger_kernel" in flags_for(chosen, 2048)
     assert any(r.startswith("no ZeRO-3") for r in chosen.reasons)
+    assert any(r.startswith("Liger Kernel on") and "bench/RESULTS.md" in r for r in chosen.reasons)
 
 
 def test_full_fine_tuning_shards_optimizer_state():

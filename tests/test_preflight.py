@@ -143,6 +143,8 @@ BROKEN = {
         dict(entrypoint=_ds3, ds=lambda c: json.dumps(
             {**c, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})),
         "offload_optimizer needs DeepSpeed's CPU Adam"),
+    "Liger under ZeRO-3": (dict(entrypoint=lambda e: _ds3(e) + " --use_liger_kernel"),
+                           "--use_liger_kernel with ZeRO-3: Liger's fused cross-entropy reads lm_head.weight"),
     "ZeRO stage 5": (dict(entrypoint=_ds3, ds=lambda c: json.dumps({**c, "zero_optimization": {"stage": 5}})),
                      "zero_optimization.stage is 5"),
     "searcher metric without evaluation": (dict(entrypoint=lambda e: e.replace("--eval_strategy steps",
