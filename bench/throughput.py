@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,20 +35,7 @@ from swallow_ft.det_callback import DetCallback  # noqa: E402
 from swallow_ft.local_core import LocalTrainContext  # noqa: E402
 from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
 
-SHAPES = {"tiny": memory.ModelShape(64, 2, 4, 2, 176, 1200), **memory.KNOWN_SHAPES}
-CUDA = torch.cuda.is_available()
-# name -> settings; "auto" is decided per shape and device in resolve(). Add a recipe by adding an entry.
-RECIPES = {
-    # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing.
-    "seed": dict(precision="fp16", deepspeed="ds_configs/ds_config_stage_3_fp16.json", micro_batch=1, seq=1024,
-                 lora_r=8, lora_targets="q_proj,v_proj", packing=False, checkpointing=False),
-    # This project's defaults: bf16, DeepSpeed only when one GPU is too small, packing, LoRA r16 on all linears.
-    "default": dict(precision="bf16", deepspeed="auto", micro_batch=4, seq=2048, cpu_seq=256, lora_r=16,
-                    lora_targets="all-linear", packing=True, checkpointing="auto"),
-}
-RECIPES["padded"] = {**RECIPES["default"], "packing": False}
-CPU_DS_CONFIG = {"ds_configs/ds_config_stage_3_fp16.json": "ds_configs/ds_config_stage_3.json"}
-
+from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, resolve  # noqa: E402  (bench/recipes.py: what is measured)
 
 def sync():
     if CUDA:
@@ -61,29 +49,6 @@ def free_gpu(reset_peak=False):
             torch.cuda.reset_peak_memory_stats()
 
 
-def resolve(name, shape_name, quiet=False):
-    """Fill a recipe's "auto" settings for this shape and device."""
-    r = dict(RECIPES[name], note="")
-    if not CUDA and r["precision"] == "fp16":
-        r["note"] = f"fp16 is refused on CPU: bf16 and {CPU_DS_CONFIG.get(r['deepspeed'], r['deepspeed'])} instead"
-        if not quiet:
-            print(f"[bench] {name}: {r['note']}", file=sys.stderr, flush=True)
-        r["precision"], r["deepspeed"] = "bf16", CPU_DS_CONFIG.get(r["deepspeed"], r["deepspeed"])
-    if not CUDA and "cpu_seq" in r:
-        r["seq"] = r["cpu_seq"]
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
-
-    def fits(ckpt):  # one GPU, no ZeRO, by the preflight's memory model
-        return memory.fits(memory.estimate(SHAPES[shape_name], gpus=1, zero_stage=0, micro_batch=r["micro_batch"],
-                                           seq_len=r["seq"], lora_r=r["lora_r"], lora_targets=r["lora_targets"],
-                                           gradient_checkpointing=ckpt), gpu_gib)
-    if r["checkpointing"] == "auto":
-        r["checkpointing"] = not fits(False)
-    if r["deepspeed"] == "auto":
-        r["deepspeed"] = None if fits(r["checkpointing"]) else "ds_configs/ds_config_stage_3.json"
-    return r
-
-
 def flags_for(r, model_dir, work):
     train_file = work / "unused.jsonl"  # check_arguments wants a data source; the rows are built in memory
     train_file.write_text('{"text": "x"}\n')
@@ -93,12 +58,13 @@ def flags_for(r, model_dir, work):
         "--do_train", "--max_steps", str(total), "--save_strategy", "no", "--eval_strategy", "no",
         "--logging_steps", str(total), "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
         "--learning_rate", "1e-4", "--per_device_train_batch_size", str(r["micro_batch"]),
-        "--block_size", str(r["seq"]), "--attn_implementation", "sdpa", "--use_lora", "--lora_r", str(r["lora_r"]),
+        "--block_size", str(r["seq"]), "--attn_implementation", r["attn"], "--use_lora", "--lora_r", str(r["lora_r"]),
         "--lora_alpha", str(2 * r["lora_r"]), "--lora_target_modules", r["lora_targets"],
+        "--lora_dropout", str(r["lora_dropout"]),
         f"--{r['precision']}", "--torch_dtype", {"bf16": "bfloat16", "fp16": "float16"}[r["precision"]]]
     gloo = bool(not CUDA and r["deepspeed"] and "--ddp_backend" not in flags)  # DeepSpeed's process group on CPU
     return (flags + ["--ddp_backend", "gloo"] * gloo + ["--packing"] * r["packing"]
-            + ["--activation_checkpointing"] * bool(r["checkpointing"])
+            + ["--activation_checkpointing"] * bool(r["checkpointing"]) + ["--use_liger_kernel"] * r["liger"]
             + (["--deepspeed", str(REPO / r["deepspeed"])] if r["deepspeed"] else []))
 
 
@@ -153,7 +119,7 @@ def run_recipe(name, r, model_dir, work, data):
         runtime._join_deepspeed_comm(training_args)
     tokenizer = load_tokenizer(model_args)
     free_gpu(reset_peak=True)
-    model = load_model(model_args, training_args)
+    model = load_model(model_args, training_args, packing=data_args.packing)
     vocab, pad = model.config.vocab_size, tokenizer.pad_token_id
     rows_needed = r["micro_batch"] * (r["steps"] + r["warmup"]) * training_args.world_size
     # Enough tokens to fill every step's batch even when packed, so that no step starts a second epoch.
@@ -174,9 +140,11 @@ def run_recipe(name, r, model_dir, work, data):
         trainer.train()
     measured = slice(min(r["warmup"], len(timer.times) - 1), None)
     times, tokens = timer.times[measured], timer.tokens[measured]
-    row = {"recipe": name, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
-                                                 "lora_targets", "note")},
+    row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
+                                                               "lora_targets", "lora_dropout", "attn", "liger",
+                                                               "note")},
            "deepspeed": Path(r["deepspeed"]).name if r["deepspeed"] else None,
+           "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
            "activation_checkpointing": bool(r["checkpointing"]), "world_size": training_args.world_size,
            "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times),
            "step_time": statistics.median(times),
@@ -185,33 +153,51 @@ def run_recipe(name, r, model_dir, work, data):
     del trainer, model
     gc.collect()
     free_gpu()
+    if CUDA:  # what this recipe left allocated would count in the next one's peak and could make it OOM
+        row["left_allocated_gib"] = torch.cuda.memory_allocated() / memory.GiB
     return row
 
 
-def run_in_child(name, r, model_dir, work, args):
-    """DeepSpeed needs a process group: run the recipe under torchrun with one process, read its row back."""
-    out = work / f"{name}.row.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", __file__,
-           "--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
-           "--_child", name, "--_model_dir", str(model_dir), "--_row_out", str(out), "--_work", str(work)]
-    print(f"[bench] {name}: DeepSpeed recipe, running it under torchrun --nproc_per_node 1", file=sys.stderr)
+def run_in_child(name, r, model_dir, work, args, data):
+    """Run one recipe in a child process and read its row back. DeepSpeed needs a process group, so it runs under
+    torchrun with one process; Liger patches transformers' modules globally, so it must not leak into other rows."""
+    out = work / f"{safe(name)}-{data}.row.json"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if r["deepspeed"] else []
+    cmd = [sys.executable, *launcher, __file__, "--shape", args.shape, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--data", data, "--_child", name, "--_model_dir", str(model_dir),
+           "--_row_out", str(out), "--_work", str(work)]
+    why = ("DeepSpeed recipe, running it under torchrun --nproc_per_node 1" if r["deepspeed"] else
+           "Liger patches transformers globally, running it in its own process" if r["liger"] else
+           "running it in its own process")
+    print(f"[bench] {name}: {why}", file=sys.stderr, flush=True)
     result = subprocess.run(cmd, cwd=REPO)
     if result.returncode != 0 or not out.exists():
-        raise SystemExit(f"recipe {name} failed in its torchrun child (exit {result.returncode})")
+        raise RuntimeError(f"its child process failed (exit {result.returncode}); its output is above")
     return json.loads(out.read_text())
 
 
+def safe(name):
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def build_model_dir(shape_name, dest):
-    """Random-init weights of the shape plus the tiny tokenizer (pad/eos ids), loadable by from_pretrained."""
+    """Random-init weights of the shape plus the tiny tokenizer (pad/eos ids), loadable by from_pretrained; a
+    complete one already at dest (from --model-dir) is reused."""
+    marker = dest / "bench-shape.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"shape": shape_name}:
+        print(f"[bench] reusing the random {shape_name} model in {dest}", file=sys.stderr, flush=True)
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
     shape = SHAPES[shape_name]
     tokenizer = AutoTokenizer.from_pretrained(tiny.build())
     config = LlamaConfig(**dict(zip(memory._CONFIG_KEYS, astuple(shape))), max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     need = 2 * shape.total_params * 1.05
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if shape_name != "tiny" and shutil.disk_usage(dest.parent).free < need:
         raise SystemExit(f"{shape_name}: needs {need / 1e9:.0f} GB free under {dest.parent} for the random "
-                         "bf16 weights; pass --workdir on a larger disk")
+                         "bf16 weights; pass --workdir or --model-dir on a larger disk")
     torch.manual_seed(0)
     with torch.device("cuda" if CUDA and shape_name != "tiny" else "cpu"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.float32 if shape_name == "tiny" else torch.bfloat16)
@@ -219,6 +205,7 @@ def build_model_dir(shape_name, dest):
     tokenizer.save_pretrained(dest)
     del model
     free_gpu()
+    marker.write_text(json.dumps({"shape": shape_name}))  # last: a half-written model is never reused
     return dest
 
 
@@ -242,69 +229,120 @@ def flops_per_token(shape, r):
 
 
 def table(rows):
-    lines = ["| recipe | tokens/s | vs seed | step s | fill | peak GiB | MFU | settings |", "|---" * 8 + "|"]
+    lines = ["| data | recipe | tokens/s | vs seed | step s | fill | peak GiB | MFU | settings |", "|---" * 9 + "|"]
     for x in rows:
+        if "error" in x:
+            lines.append(f"| {x['data']} | {x['recipe']} | failed: {x['error']} |||||||")
+            continue
         lines.append(" | ".join([
-            f"| {x['recipe']}", f"{x['tokens_per_second']:,.0f}",
+            f"| {x['data']}", x["recipe"], f"{x['tokens_per_second']:,.0f}",
             "n/a" if x["vs_seed"] is None else f"{x['vs_seed']:.2f}x",
             f"{x['step_time']:.3f}", f"{100 * x['fill_efficiency']:.0f}%",
             "n/a" if x["peak_gpu_mem_gib"] is None else f"{x['peak_gpu_mem_gib']:.1f}", f"{100 * x['mfu']:.1f}%",
             f"{x['precision']}, {x['deepspeed'] or 'no DeepSpeed'}, {x['micro_batch']}x{x['seq']}, "
             f"{'packed' if x['packing'] else 'padded'}, ckpt {'on' if x['activation_checkpointing'] else 'off'}, "
-            f"LoRA r{x['lora_r']} {x['lora_targets']} |"]))
+            f"LoRA r{x['lora_r']} {x['lora_targets']} dropout {x['lora_dropout']:g}, {x['attn']}"
+            f"{', liger' if x['liger'] else ''} |"]))
     return "\n".join(lines)
+
+
+def with_ratios(rows):
+    """vs_seed: tokens/s over seed's tokens/s on the same data, when seed ran in this invocation."""
+    seeds = {x["data"]: x["tokens_per_second"] for x in rows if x["recipe"] == "seed" and "error" not in x}
+    for x in rows:
+        if "error" not in x:
+            x["vs_seed"] = x["tokens_per_second"] / seeds[x["data"]] if x["data"] in seeds else None
+    return rows
+
+
+def write_report(report, path):
+    with_ratios(report["rows"])
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--recipes", default="seed,default,padded")
+    p.add_argument("--recipes", default="seed,default,padded",
+                   help=f"comma-separated; each a recipe ({', '.join(RECIPES)}) with optional +modifiers "
+                        f"({', '.join(MODIFIERS)}, mbN, seqN, rN), e.g. default+flex+liger")
     p.add_argument("--steps", type=int, default=12, help="measured steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=4, help="steps run first and not measured")
-    p.add_argument("--data", choices=["random", "skewed"], default="random")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--data", default="random", help="random, skewed, or both comma-separated (each recipe per data)")
+    p.add_argument("--json", type=Path, help="written after every row, so an interrupted run keeps its rows")
     p.add_argument("--workdir", type=Path, default=None, help="where the random model is written (temp dir)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="keep the random model here and reuse it on the next run with the same --shape")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no recipe after this many seconds (the ones left are listed as skipped)")
     for hidden in ("--_child", "--_model_dir", "--_row_out", "--_work"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args._child:  # inside the torchrun child
+    if args._child:  # inside the child process
         r = {**resolve(args._child, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup}
-        row = run_recipe(args._child, r, Path(args._model_dir), Path(args._work) / args._child, args.data)
+        row = run_recipe(args._child, r, Path(args._model_dir), Path(args._work) / safe(args._child), args.data)
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args._row_out).write_text(json.dumps(row))
         return 0
+    started = time.monotonic()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    if set(names) - set(RECIPES):
-        p.error(f"unknown recipe(s) {', '.join(sorted(set(names) - set(RECIPES)))}; known: {', '.join(RECIPES)}")
+    datas = [d.strip() for d in args.data.split(",") if d.strip()]
+    if set(datas) - {"random", "skewed"}:
+        p.error(f"--data {args.data}: each must be random or skewed")
+    try:
+        planned = [(name, {**resolve(name, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup})
+                   for name in names]
+    except ValueError as e:
+        p.error(str(e))
     if not CUDA and args.shape != "tiny":
         p.error(f"--shape {args.shape} needs a GPU; on CPU use --shape tiny")
     ceiling = matmul_ceiling()
     shape = SHAPES[args.shape]
+    device = torch.cuda.get_device_name(0) if CUDA else f"cpu ({os.cpu_count()} cores)"
+    report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+              "shape": args.shape, "data": args.data, "ceiling_tflops": ceiling / 1e12, "rows": [], "skipped": []}
+    print(f"[bench] {args.shape} on {device}; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="swallow-bench-", dir=args.workdir))
-    rows, distributed = [], "LOCAL_RANK" in os.environ  # already under torchrun/deepspeed: all in-process
+    distributed = "LOCAL_RANK" in os.environ  # already under torchrun/deepspeed: all in-process
+    isolate = False  # set once an in-process recipe leaves GPU memory behind: the rest run in their own processes
     try:
-        model_dir = build_model_dir(args.shape, work / "model")
-        for name in names:
-            r = {**resolve(name, args.shape), "steps": args.steps, "warmup": args.warmup}
-            row = (run_in_child(name, r, model_dir, work, args) if r["deepspeed"] and not distributed
-                   else run_recipe(name, r, model_dir, work / name, args.data))
-            row["mfu"] = row["tokens_per_second"] * flops_per_token(shape, r) / (ceiling * row["world_size"])
-            rows.append(row)
+        model_dir = build_model_dir(args.shape, args.model_dir or work / "model")
+        for data in datas:
+            for name, r in planned:
+                if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                    report["skipped"].append(f"{data}:{name}")
+                    print(f"[bench] {name} on {data}: skipped, past --budget-s {args.budget_s:g}", file=sys.stderr)
+                    continue
+                print(f"[bench] {name} on {data} data ({time.monotonic() - started:.0f} s in)", file=sys.stderr,
+                      flush=True)
+                try:
+                    row = (run_in_child(name, r, model_dir, work, args, data)
+                           if (r["deepspeed"] or r["liger"] or isolate) and not distributed
+                           else run_recipe(name, r, model_dir, work / safe(name), data))
+                    if row.get("left_allocated_gib", 0) > 1 and not (r["deepspeed"] or r["liger"] or isolate):
+                        isolate = True
+                        print(f"[bench] {name} left {row['left_allocated_gib']:.1f} GiB allocated: the remaining "
+                              "recipes run in their own processes", file=sys.stderr, flush=True)
+                    row["mfu"] = row["tokens_per_second"] * flops_per_token(shape, r) / (ceiling * row["world_size"])
+                except Exception as e:  # one failed recipe (an OOM, a missing kernel) must not lose the others
+                    row = {"recipe": name, "data": data, "error": f"{type(e).__name__}: {e}"[:300]}
+                    gc.collect()
+                    free_gpu()
+                print(f"[bench] row: {json.dumps(row)}", file=sys.stderr, flush=True)
+                report["rows"].append(row)
+                write_report(report, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    seed = next((x for x in rows if x["recipe"] == "seed"), None)
-    for x in rows:
-        x["vs_seed"] = x["tokens_per_second"] / seed["tokens_per_second"] if seed else None
-    device = torch.cuda.get_device_name(0) if CUDA else f"cpu ({os.cpu_count()} cores)"
+    write_report(report, args.json)
+    rows = report["rows"]
     print(f"\n{args.shape} on {device}, {args.data} data, {args.steps} measured steps after {args.warmup} warm-up; "
           f"matmul ceiling {ceiling / 1e12:.2f} TFLOP/s\n")
     print(table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-               "shape": args.shape, "data": args.data, "ceiling_tflops": ceiling / 1e12, "rows": rows}
-        args.json.write_text(json.dumps(out, indent=2))
-    return 0
+    if report["skipped"]:
+        print(f"\nskipped (past --budget-s): {', '.join(report['skipped'])}")
+    return 1 if any("error" in x for x in rows) else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -42,3 +44,26 @@ def test_seed_runs_zero3_under_torchrun_on_cpu(tiny_model, tmp_path):
     assert seed["micro_batch"] == 1 and seed["seq"] == 1024 and seed["lora_targets"] == "q_proj,v_proj"
     assert seed["tokens_per_second"] > 0 and seed["step_time"] > 0
     assert seed["vs_seed"] == 1.0 and rows["default"]["vs_seed"] > 0
+
+
+def test_recipes_combine_with_modifiers():
+    sys.path.insert(0, str(REPO / "bench"))
+    import recipes
+
+    r = recipes.recipe("default+flex+dropout+mb8+seq4096")
+    assert r["attn"] == "flex_attention" and r["lora_dropout"] == 0.05 and r["micro_batch"] == 8 and r["seq"] == 4096
+    assert recipes.recipe("padded")["packing"] is False and recipes.recipe("default")["lora_dropout"] == 0.0
+    with pytest.raises(ValueError, match="unknown modifier 'fast' in 'default\\+fast'"):
+        recipes.recipe("default+fast")
+    on_cpu = recipes.resolve("default", "tiny", quiet=True)
+    assert on_cpu["liger"] is False and on_cpu["micro_batch"] == 4 and on_cpu["seq"] == 256
+
+
+def test_bad_recipe_and_budget(tiny_model, tmp_path):
+    bad = subprocess.run([sys.executable, "bench/throughput.py", "--recipes", "default+liger"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("liger needs a GPU (Triton kernels)")
+    # Past --budget-s no recipe starts; the JSON says which were skipped (and is written as rows come in).
+    rows, result = bench(tmp_path, "--recipes", "default,padded", "--data", "skewed,random", "--budget-s", "0",
+                         timeout=120)
+    assert rows == {} and "skipped (past --budget-s): skewed:default, skewed:padded" in result.stdout

@@ -1,0 +1,97 @@
+"""What bench/throughput.py measures: named recipes, +modifiers, and how "auto" settings resolve per shape and device.
+
+A recipe name is a RECIPES entry followed by any +modifiers, applied in order: default+flex+mb4.
+"""
+import math
+import re
+import sys
+from importlib.util import find_spec
+
+import torch
+
+from swallow_ft import memory, plan
+
+SHAPES = {"tiny": memory.ModelShape(64, 2, 4, 2, 176, 1200), **memory.KNOWN_SHAPES}
+CUDA = torch.cuda.is_available()
+# name -> settings; "auto" is decided per shape and device in resolve(). Add a recipe by adding an entry, or
+# combine one with MODIFIERS on the command line: --recipes default,default+flex+liger,padded.
+RECIPES = {
+    # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing.
+    "seed": dict(precision="fp16", deepspeed="ds_configs/ds_config_stage_3_fp16.json", micro_batch=1, seq=1024,
+                 lora_r=8, lora_targets="q_proj,v_proj", lora_dropout=0.05, packing=False, checkpointing=False,
+                 attn="sdpa", liger=False),
+    # This project's defaults: bf16, packing, LoRA r16 on all linears without dropout, --attn_implementation auto;
+    # ZeRO stage, micro-batch, activation checkpointing and Liger are the planner's choice for one GPU of this size.
+    "default": dict(precision="bf16", deepspeed="auto", micro_batch="auto", seq=2048, cpu_seq=256, lora_r=16,
+                    lora_targets="all-linear", lora_dropout=0.0, packing=True, checkpointing="auto", attn="auto",
+                    liger="auto"),
+}
+RECIPES["padded"] = {**RECIPES["default"], "packing": False}
+MODIFIERS = {
+    "flex": dict(attn="flex_attention"),  # block-sparse kernels that skip the masked-out blocks of packed rows
+    "sdpa": dict(attn="sdpa"),
+    "liger": dict(liger=True),  # Liger Kernel: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE (Triton, GPU only)
+    "noliger": dict(liger=False),
+    "nodrop": dict(lora_dropout=0.0),  # peft skips the dropout copy of each adapted layer's input
+    "dropout": dict(lora_dropout=0.05),  # this project's default before bench/RESULTS.md
+    "padded": dict(packing=False),
+    "ckpt": dict(checkpointing=True),
+    "nockpt": dict(checkpointing=False),  # when the memory model is too cautious (it does not know Liger's savings)
+}
+SIZED_MODIFIER = re.compile(r"(mb|seq|r)(\d+)$")  # mb4: micro-batch 4, seq4096: tokens per row, r8: LoRA rank
+CPU_DS_CONFIG = {"ds_configs/ds_config_stage_3_fp16.json": "ds_configs/ds_config_stage_3.json"}
+
+
+def recipe(name):
+    """Settings of a recipe name: a RECIPES entry, then any +modifiers in order."""
+    base, *mods = name.split("+")
+    if base not in RECIPES:
+        raise ValueError(f"unknown recipe {base!r}; known: {', '.join(RECIPES)}")
+    r = dict(RECIPES[base])
+    for mod in mods:
+        sized = SIZED_MODIFIER.match(mod)
+        if sized:
+            r[{"mb": "micro_batch", "seq": "seq", "r": "lora_r"}[sized[1]]] = int(sized[2])
+            r.pop("cpu_seq", None) if sized[1] == "seq" else None
+        elif mod in MODIFIERS:
+            r.update(MODIFIERS[mod])
+        else:
+            raise ValueError(f"unknown modifier {mod!r} in {name!r}; known: {', '.join(MODIFIERS)}, mbN, seqN, rN")
+    return r
+
+
+def resolve(name, shape_name, quiet=False):
+    """Fill a recipe's "auto" settings for this shape and device."""
+    r = dict(recipe(name), note="")
+    if not CUDA and r["precision"] == "fp16":
+        r["note"] = f"fp16 is refused on CPU: bf16 and {CPU_DS_CONFIG.get(r['deepspeed'], r['deepspeed'])} instead"
+        if not quiet:
+            print(f"[bench] {name}: {r['note']}", file=sys.stderr, flush=True)
+        r["precision"], r["deepspeed"] = "bf16", CPU_DS_CONFIG.get(r["deepspeed"], r["deepspeed"])
+    if not CUDA and "cpu_seq" in r:
+        r["seq"] = r["cpu_seq"]
+    if not CUDA and r["micro_batch"] == "auto":
+        r["micro_batch"] = 4
+    if not CUDA and r["liger"] is True:
+        raise ValueError("liger needs a GPU (Triton kernels)")
+    if r["micro_batch"] == "auto":  # the planner's choice for one GPU of this size
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB
+        chosen = plan.plan(SHAPES[shape_name], gpus=1, gpu_mem=gpu_gib, seq=r["seq"], lora=bool(r["lora_r"]),
+                           global_batch=64, lora_r=r["lora_r"] or 16).setting
+        r["micro_batch"] = chosen.micro_batch
+        r["checkpointing"] = chosen.checkpointing if r["checkpointing"] == "auto" else r["checkpointing"]
+        if r["deepspeed"] == "auto":
+            r["deepspeed"] = plan.DS_CONFIGS[chosen.zero_stage] if chosen.zero_stage else None
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
+
+    def fits(ckpt):  # one GPU, no ZeRO, by the preflight's memory model
+        return memory.fits(memory.estimate(SHAPES[shape_name], gpus=1, zero_stage=0, micro_batch=r["micro_batch"],
+                                           seq_len=r["seq"], lora_r=r["lora_r"], lora_targets=r["lora_targets"],
+                                           gradient_checkpointing=ckpt), gpu_gib)
+    if r["checkpointing"] == "auto":
+        r["checkpointing"] = not fits(False)
+    if r["deepspeed"] == "auto":
+        r["deepspeed"] = None if fits(r["checkpointing"]) else "ds_configs/ds_config_stage_3.json"
+    if r["liger"] == "auto":  # as the planner: on a GPU, not under ZeRO-3, when liger-kernel is installed
+        r["liger"] = bool(CUDA and "stage_3" not in (r["deepspeed"] or "") and find_spec("liger_kernel"))
+    return r
