@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # The GPU measurements behind bench/RESULTS.md, on one H100/H200 with the swallow-7b shape (random init, no download).
-#   bash bench/gpu.sh OUT_DIR        (about 7 minutes; writes versions.txt, skewed.json/.log, random.json/.log)
+#   bash bench/gpu.sh OUT_DIR   (about 9 minutes; writes versions.txt, skewed.json/.log, random.json/.log and
+#                                profiles.tgz: a torch.profiler table of 2 extra steps per recipe)
+# Recipe lists: RECIPES_SKEWED, RECIPES_RANDOM; stop starting recipes after BUDGET_SKEWED / BUDGET_RANDOM seconds;
+# SHAPE=tiny runs the same script on CPU as a check of the script itself (numbers mean nothing there).
 set -uo pipefail
 out=${1:-bench/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-common=(--shape swallow-7b --steps 8 --warmup 4 --model-dir "${MODEL_DIR:-/tmp/bench-swallow-7b}")
+common=(--shape "${SHAPE:-swallow-7b}" --steps 8 --warmup 4 --profile-steps "${PROFILE_STEPS:-2}" --profile-dir "$out/profiles"
+        --model-dir "${MODEL_DIR:-/tmp/bench-swallow-7b}")
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import importlib.metadata as m, sys; print("python", sys.version.split()[0]); print(*(f"{p} {m.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "datasets", "deepspeed", "determined", "liger-kernel", "triton")), sep="\n")'
 } 2>&1 | tee "$out/versions.txt"
 # Length-skewed instruction data: the reference's settings, this project's default, padding, and the open questions
-# of bench/RESULTS.md (a larger micro-batch; Liger and flex attention each without the other).
-python3 bench/throughput.py "${common[@]}" --data skewed --budget-s "${BUDGET_SKEWED:-330}" --json "$out/skewed.json" \
-  --recipes "${RECIPES_SKEWED:-seed,default,padded,default+mb4+nockpt,default+sdpa,default+noliger}" 2>&1 | tee "$out/skewed.log"
+# of bench/RESULTS.md (a larger micro-batch, Liger's share of the gain, the allocator on changing shapes).
+python3 bench/throughput.py "${common[@]}" --data skewed --budget-s "${BUDGET_SKEWED:-300}" --json "$out/skewed.json" \
+  --recipes "${RECIPES_SKEWED:-seed,default,padded,default+mb4+nockpt,default+noliger,default+expseg}" \
+  2>&1 | tee "$out/skewed.log"
 # Full rows of random tokens: the research baseline's conditions.
-python3 bench/throughput.py "${common[@]}" --data random --budget-s "${BUDGET_RANDOM:-120}" --json "$out/random.json" \
+python3 bench/throughput.py "${common[@]}" --data random --budget-s "${BUDGET_RANDOM:-100}" --json "$out/random.json" \
   --recipes "${RECIPES_RANDOM:-seed,default,default+mb4+nockpt}" 2>&1 | tee "$out/random.log"
+tar -C "$out" -czf "$out/profiles.tgz" profiles && rm -r "$out/profiles"

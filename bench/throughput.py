@@ -52,7 +52,7 @@ def free_gpu(reset_peak=False):
 def flags_for(r, model_dir, work):
     train_file = work / "unused.jsonl"  # check_arguments wants a data source; the rows are built in memory
     train_file.write_text('{"text": "x"}\n')
-    total = r["steps"] + r["warmup"]
+    total = r["warmup"] + r["steps"] + r["profile_steps"]
     flags = runtime.local_default_flags() + [
         "--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(work / "out"),
         "--do_train", "--max_steps", str(total), "--save_strategy", "no", "--eval_strategy", "no",
@@ -65,6 +65,7 @@ def flags_for(r, model_dir, work):
     gloo = bool(not CUDA and r["deepspeed"] and "--ddp_backend" not in flags)  # DeepSpeed's process group on CPU
     return (flags + ["--ddp_backend", "gloo"] * gloo + ["--packing"] * r["packing"]
             + ["--activation_checkpointing"] * bool(r["checkpointing"]) + ["--use_liger_kernel"] * r["liger"]
+            + ["--torch_compile"] * r["compile"]
             + (["--deepspeed", str(REPO / r["deepspeed"])] if r["deepspeed"] else []))
 
 
@@ -111,7 +112,38 @@ class Timer(TrainerCallback):
         self._seen = state.num_input_tokens_seen
 
 
-def run_recipe(name, r, model_dir, work, data):
+class StepProfiler(TrainerCallback):
+    """torch.profiler over `steps` optimizer steps after `start` completed ones: where a step's time goes. The
+    profiled steps come after the measured ones, so profiling never slows a measured step."""
+    def __init__(self, start, steps, table_path):
+        self.start, self.steps, self.table_path, self.summary, self._prof = start, steps, table_path, None, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.steps and state.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.start()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._prof is None or state.global_step != self.start + self.steps:
+            return
+        sync()
+        self._prof.stop()
+        events = self._prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        self.summary = {"steps": self.steps,
+                        "gpu_kernel_s_per_step": sum(e.self_device_time_total for e in kernels) / 1e6 / self.steps
+                        if CUDA else None,
+                        "kernels_per_step": sum(e.count for e in kernels) / self.steps if CUDA else None,
+                        "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / self.steps,
+                        "table": str(self.table_path)}
+        sort_by = "self_device_time_total" if CUDA else "self_cpu_time_total"
+        self.table_path.parent.mkdir(parents=True, exist_ok=True)
+        self.table_path.write_text(events.table(sort_by=sort_by, row_limit=40))
+        self._prof = None
+
+
+def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     """One recipe in this process: the project's training path, timed. Returns the row (without MFU)."""
     work.mkdir(parents=True, exist_ok=True)
     model_args, data_args, training_args = parse_input_arguments({}, flags_for(r, model_dir, work))
@@ -121,7 +153,7 @@ def run_recipe(name, r, model_dir, work, data):
     free_gpu(reset_peak=True)
     model = load_model(model_args, training_args, packing=data_args.packing)
     vocab, pad = model.config.vocab_size, tokenizer.pad_token_id
-    rows_needed = r["micro_batch"] * (r["steps"] + r["warmup"]) * training_args.world_size
+    rows_needed = r["micro_batch"] * (r["warmup"] + r["steps"] + r["profile_steps"]) * training_args.world_size
     # Enough tokens to fill every step's batch even when packed, so that no step starts a second epoch.
     train = make_rows(data, r["seq"], int(1.3 * rows_needed * r["seq"]), rows_needed, vocab, pad)
     if data_args.packing:
@@ -132,13 +164,15 @@ def run_recipe(name, r, model_dir, work, data):
     core = det.core._dummy_init(distributed=runtime.distributed_context(), checkpoint_storage=str(logging_dir / "ckpt"))
     core.train = LocalTrainContext(logging_dir / "metrics.jsonl", logging_dir / "tensorboard")
     timer = Timer()
+    profiler = StepProfiler(r["warmup"] + r["steps"], r["profile_steps"],
+                            profiles / f"profile-{safe(name)}-{data}.txt")
     with core:
         callback = DetCallback(core, training_args, strict_searcher=False)
         callback.constant_metrics.update({"packing_efficiency": efficiency} if efficiency is not None else {})
         trainer = Trainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                          data_collator=collator, callbacks=[callback, timer])
+                          data_collator=collator, callbacks=[callback, timer, profiler])
         trainer.train()
-    measured = slice(min(r["warmup"], len(timer.times) - 1), None)
+    measured = slice(min(r["warmup"], len(timer.times) - 1), r["warmup"] + r["steps"])
     times, tokens = timer.times[measured], timer.tokens[measured]
     row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
                                                                "lora_targets", "lora_dropout", "attn", "liger",
@@ -150,6 +184,11 @@ def run_recipe(name, r, model_dir, work, data):
            "step_time": statistics.median(times),
            "fill_efficiency": collator.real / max(collator.slots, 1), "packing_efficiency": efficiency,
            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / memory.GiB if CUDA else None}
+    if profiler.summary:
+        profiler.summary["step_time"] = statistics.median(timer.times[r["warmup"] + r["steps"]:])
+        busy = profiler.summary["gpu_kernel_s_per_step"]
+        profiler.summary["gpu_busy"] = busy / profiler.summary["step_time"] if busy is not None else None
+        row["profile"] = profiler.summary
     del trainer, model
     gc.collect()
     free_gpu()
@@ -165,15 +204,22 @@ def run_in_child(name, r, model_dir, work, args, data):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if r["deepspeed"] else []
     cmd = [sys.executable, *launcher, __file__, "--shape", args.shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--data", data, "--_child", name, "--_model_dir", str(model_dir),
-           "--_row_out", str(out), "--_work", str(work)]
+           "--_row_out", str(out), "--_work", str(work), "--profile-steps", str(args.profile_steps),
+           "--profile-dir", str(profile_dir(args).resolve())]
     why = ("DeepSpeed recipe, running it under torchrun --nproc_per_node 1" if r["deepspeed"] else
            "Liger patches transformers globally, running it in its own process" if r["liger"] else
+           f"PYTORCH_CUDA_ALLOC_CONF={r['alloc']} needs a fresh process" if r["alloc"] else
            "running it in its own process")
     print(f"[bench] {name}: {why}", file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, cwd=REPO)
+    env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": r["alloc"]} if r["alloc"] else {})}
+    result = subprocess.run(cmd, cwd=REPO, env=env)
     if result.returncode != 0 or not out.exists():
         raise RuntimeError(f"its child process failed (exit {result.returncode}); its output is above")
     return json.loads(out.read_text())
+
+
+def profile_dir(args):
+    return args.profile_dir or (args.json.parent if args.json else Path("."))
 
 
 def safe(name):
@@ -275,14 +321,20 @@ def main(argv=None):
     p.add_argument("--workdir", type=Path, default=None, help="where the random model is written (temp dir)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="keep the random model here and reuse it on the next run with the same --shape")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the measured steps, profile this many with torch.profiler (summary in the row)")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="where the profile tables go (default: next to --json, else here)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no recipe after this many seconds (the ones left are listed as skipped)")
     for hidden in ("--_child", "--_model_dir", "--_row_out", "--_work"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:  # inside the child process
-        r = {**resolve(args._child, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup}
-        row = run_recipe(args._child, r, Path(args._model_dir), Path(args._work) / safe(args._child), args.data)
+        r = {**resolve(args._child, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup,
+             "profile_steps": args.profile_steps}
+        row = run_recipe(args._child, r, Path(args._model_dir), Path(args._work) / safe(args._child), args.data,
+                         profile_dir(args))
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args._row_out).write_text(json.dumps(row))
         return 0
@@ -292,8 +344,8 @@ def main(argv=None):
     if set(datas) - {"random", "skewed"}:
         p.error(f"--data {args.data}: each must be random or skewed")
     try:
-        planned = [(name, {**resolve(name, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup})
-                   for name in names]
+        planned = [(name, {**resolve(name, args.shape, quiet=True), "steps": args.steps, "warmup": args.warmup,
+                           "profile_steps": args.profile_steps}) for name in names]
     except ValueError as e:
         p.error(str(e))
     if not CUDA and args.shape != "tiny":
@@ -319,9 +371,10 @@ def main(argv=None):
                       flush=True)
                 try:
                     row = (run_in_child(name, r, model_dir, work, args, data)
-                           if (r["deepspeed"] or r["liger"] or isolate) and not distributed
-                           else run_recipe(name, r, model_dir, work / safe(name), data))
-                    if row.get("left_allocated_gib", 0) > 1 and not (r["deepspeed"] or r["liger"] or isolate):
+                           if (r["deepspeed"] or r["liger"] or r["alloc"] or isolate) and not distributed
+                           else run_recipe(name, r, model_dir, work / safe(name), data, profile_dir(args)))
+                    if row.get("left_allocated_gib", 0) > 1 and not (r["deepspeed"] or r["liger"] or r["alloc"]
+                                                                      or isolate):
                         isolate = True
                         print(f"[bench] {name} left {row['left_allocated_gib']:.1f} GiB allocated: the remaining "
                               "recipes run in their own processes", file=sys.stderr, flush=True)
@@ -340,6 +393,12 @@ def main(argv=None):
     print(f"\n{args.shape} on {device}, {args.data} data, {args.steps} measured steps after {args.warmup} warm-up; "
           f"matmul ceiling {ceiling / 1e12:.2f} TFLOP/s\n")
     print(table(rows))
+    for x in (x for x in rows if x.get("profile")):
+        prof = x["profile"]
+        gpu = (f"GPU kernels busy {100 * prof['gpu_busy']:.0f}% of the step ({prof['gpu_kernel_s_per_step']:.3f} "
+               f"of {prof['step_time']:.3f} s), {prof['kernels_per_step']:,.0f} kernels/step, " if CUDA else "")
+        print(f"profile {x['data']} {x['recipe']}: {gpu}{prof['aten_ops_per_step']:,.0f} aten ops/step; "
+              f"{prof['table']}")
     if report["skipped"]:
         print(f"\nskipped (past --budget-s): {', '.join(report['skipped'])}")
     return 1 if any("error" in x for x in rows) else 0

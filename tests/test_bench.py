@@ -1,8 +1,11 @@
 """bench/throughput.py on CPU: the tiny shape through the project's own training path (a smoke test, no timings)."""
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +25,14 @@ def bench(tmp_path, *args, timeout):
 
 
 def test_default_and_padded_on_cpu(tiny_model, tmp_path):
-    rows, _ = bench(tmp_path, "--recipes", "default,padded", timeout=240)
+    rows, result = bench(tmp_path, "--recipes", "default,padded", "--profile-steps", "1", timeout=240)
     assert set(rows) == {"default", "padded"}
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["step_time"] > 0 and row["steps_measured"] == 4
+        # One more step, after the measured ones, under torch.profiler: ops counted, the table written.
+        assert row["profile"]["steps"] == 1 and row["profile"]["aten_ops_per_step"] > 100
+        assert "aten::mm" in (tmp_path / f"profile-{row['recipe']}-skewed.txt").read_text()
+        assert row["profile"]["gpu_busy"] is None and f"profile skewed {row['recipe']}:" in result.stdout
         assert row["peak_gpu_mem_gib"] is None and row["mfu"] > 0 and row["vs_seed"] is None
         assert row["deepspeed"] is None and row["seq"] == 256 and row["micro_batch"] == 4
     # Skewed lengths: packed rows are nearly full, padded batches are mostly padding. Not a timing assertion.
@@ -67,3 +74,19 @@ def test_bad_recipe_and_budget(tiny_model, tmp_path):
     rows, result = bench(tmp_path, "--recipes", "default,padded", "--data", "skewed,random", "--budget-s", "0",
                          timeout=120)
     assert rows == {} and "skipped (past --budget-s): skewed:default, skewed:padded" in result.stdout
+
+
+def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
+    # bench/gpu.sh is what a session with a GPU runs in one call; this checks the script, not any timing.
+    env = {**os.environ, "SHAPE": "tiny", "RECIPES_SKEWED": "seed,default+expseg", "RECIPES_RANDOM": "default",
+           "PROFILE_STEPS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skewed, random = (json.loads((tmp_path / f"{d}.json").read_text()) for d in ("skewed", "random"))
+    assert [r["recipe"] for r in skewed["rows"]] == ["seed", "default+expseg"] and skewed["skipped"] == []
+    assert [r["recipe"] for r in random["rows"]] == ["default"]
+    assert all(r["profile"]["aten_ops_per_step"] > 0 for r in skewed["rows"] + random["rows"])
+    with tarfile.open(tmp_path / "profiles.tgz") as tar:
+        assert "profiles/profile-default_expseg-skewed.txt" in tar.getnames()
+    assert "python" in (tmp_path / "versions.txt").read_text()
