@@ -17,9 +17,9 @@ common=(--shape "${SHAPE:-swallow-7b}" --steps 8 --warmup 4 --profile-steps "${P
 # Length-skewed instruction data: the reference's settings, this project's default, padding, and the open questions
 # of bench/RESULTS.md (a larger micro-batch, Liger's share of the gain, the allocator on changing shapes).
 python3 bench/throughput.py "${common[@]}" --data skewed --budget-s "${BUDGET_SKEWED:-300}" --json "$out/skewed.json" \
-  --recipes "${RECIPES_SKEWED:-seed,default,padded,default+mb4+nockpt,default+noliger,default+expseg}" \
+  --recipes "${RECIPES_SKEWED:-seed,default,default+mb2,padded,default+noliger,default+expseg}" \
   2>&1 | tee "$out/skewed.log"
 # Full rows of random tokens: the research baseline's conditions.
 python3 bench/throughput.py "${common[@]}" --data random --budget-s "${BUDGET_RANDOM:-100}" --json "$out/random.json" \
-  --recipes "${RECIPES_RANDOM:-seed,default,default+mb4+nockpt}" 2>&1 | tee "$out/random.log"
+  --recipes "${RECIPES_RANDOM:-seed,default,default+mb2}" 2>&1 | tee "$out/random.log"
 tar -C "$out" -czf "$out/profiles.tgz" profiles && rm -r "$out/profiles"

@@ -89,6 +89,7 @@ def resolve(name, shape_name, quiet=False):
     def fits(ckpt):  # one GPU, no ZeRO, by the preflight's memory model
         return memory.fits(memory.estimate(SHAPES[shape_name], gpus=1, zero_stage=0, micro_batch=r["micro_batch"],
                                            seq_len=r["seq"], lora_r=r["lora_r"], lora_targets=r["lora_targets"],
+                                           lora_dropout=r["lora_dropout"],
                                            gradient_checkpointing=ckpt), gpu_gib)
     if r["checkpointing"] == "auto":
         r["checkpointing"] = not fits(False)

@@ -157,23 +157,31 @@ class MemoryEstimate:
 
 def _activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora: Optional[tuple],
                       gradient_checkpointing: bool) -> float:
-    """Tensors autograd keeps for backward, per GPU; lora is (r, targets) or None.
+    """Tensors autograd keeps for backward, per GPU; lora is (r, targets, dropout) or None.
 
     Not Korthikanti et al. 2022's s*b*h*(34 + 5*a*s/h): that is GPT (GeLU, LayerNorm, dropout), and 5as/h is the
     s x s score matrix, which SDPA/flash attention never stores. We count HF's Llama layer, bytes per token (tested
     with saved_tensors_hooks): always each RMSNorm's fp32 upcast input (4h), attention's q, k, v and output
     (2h + 4kv + 2h), SwiGLU's gate, SiLU(gate) and up (6I); trainable weights also keep their inputs (2h per norm,
-    2h after each norm, 2I for down_proj): 20h + 4kv + 8I in all. A frozen LoRA base keeps none of those, but
-    each adapted module keeps its LoRA-dropout copy plus mask (--lora_dropout defaults to 0.05) and A's output.
+    2h after each norm, 2I for down_proj): 20h + 4kv + 8I in all. A frozen LoRA base keeps none of those; each
+    adapted module keeps A's output, and A keeps its input: with LoRA dropout a copy plus mask per module, without
+    it the input itself, shared by q/k/v and by gate/up (o_proj's input is attention's output, already kept).
     """
     dims = shape.linear_dims()
     h, kv, inter = shape.hidden_size, dims["k_proj"][1], shape.intermediate_size
     norm = FP32 * h + (0 if lora else 2 * act_bytes * h)
     per_layer = 2 * norm + act_bytes * (2 * h + 2 * kv + 3 * inter)
     if lora:
-        r, targets = lora
-        adapted = [dims[name][0] for name in shape.lora_targets(targets) if name in LAYER_LINEARS]
-        per_layer += sum((act_bytes + DROPOUT_MASK_BYTES) * width + act_bytes * r for width in adapted)
+        r, targets, dropout = lora
+        adapted = [name for name in shape.lora_targets(targets) if name in LAYER_LINEARS]
+        if dropout:
+            per_layer += sum((act_bytes + DROPOUT_MASK_BYTES) * dims[name][0] for name in adapted)
+        else:
+            inputs = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp",
+                      "up_proj": "mlp", "down_proj": "down"}
+            widths = {"attention": h, "mlp": h, "down": inter}
+            per_layer += act_bytes * sum(widths[kind] for kind in {inputs[n] for n in adapted if n in inputs})
+        per_layer += act_bytes * r * len(adapted)
     else:
         per_layer += act_bytes * inter
     # Checkpointing each decoder layer (as HF does) keeps only its 16-bit input; backward recomputes one at a time.
@@ -181,14 +189,15 @@ def _activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora: Opti
                        else shape.num_layers * per_layer)
     # Cross-entropy keeps the fp32 log-softmax of the logits (HF upcasts them): s*b*vocab*4, which is GiBs at
     # 43k-128k vocabularies. The bf16 logits and fp32 copies around it are transient and left to the headroom.
+    # (Liger's fused loss keeps none of it; not modelled, so with --use_liger_kernel this errs on the safe side.)
     logits = tokens * shape.vocab_size * FP32
     return layers + tokens * norm + logits  # + the final norm
 
 
 def estimate(shape: ModelShape, *, gpus: int, zero_stage: int, micro_batch: int, seq_len: int,
              lora_r: Optional[int] = None, lora_targets: Union[str, Sequence[str]] = "all-linear",
-             gradient_checkpointing: bool, weight_bytes: int = 2, offload_optimizer: bool = False,
-             offload_params: bool = False) -> MemoryEstimate:
+             lora_dropout: float = 0.0, gradient_checkpointing: bool, weight_bytes: int = 2,
+             offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
     """Peak memory of one GPU for mixed-precision AdamW; zero_stage 0 is plain data parallelism.
 
     Per trainable parameter, each term is split across the GPUs from the ZeRO stage that shards it:
@@ -223,7 +232,7 @@ def estimate(shape: ModelShape, *, gpus: int, zero_stage: int, micro_batch: int,
     grads32 = 0 if offload_optimizer or zero_stage == 0 else FP32 * trainable / gpus
     optimizer = 0 if offload_optimizer else ADAM_STATE_BYTES * trainable / (gpus if zero_stage else 1)
 
-    lora = (lora_r, lora_targets) if lora_r else None
+    lora = (lora_r, lora_targets, lora_dropout) if lora_r else None
     activations = _activation_bytes(shape, micro_batch * seq_len, weight_bytes, lora, gradient_checkpointing)
     # The repo's DeepSpeed configs leave bucket sizes "auto": HF fills reduce_bucket_size = h^2 and
     # stage3_prefetch_bucket_size = 0.9 h^2 elements, both 16-bit buffers.

@@ -173,6 +173,7 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
         gpus=slots, zero_stage=zero.get("stage", 0), micro_batch=training_args.per_device_train_batch_size,
         seq_len=data_args.block_size or 2048, lora_r=model_args.lora_r if model_args.use_lora else None,
         lora_targets=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        lora_dropout=model_args.lora_dropout,
         gradient_checkpointing=training_args.activation_checkpointing,
         weight_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),

@@ -91,8 +91,9 @@ def saved_activation_bytes(model, tokens):
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("lora_r", [None, 8])
-def test_activation_formula_matches_what_autograd_saves(lora_r, monkeypatch):
+@pytest.mark.parametrize("lora_r, targets, dropout", [(None, None, 0.0), (8, "all-linear", 0.05), (8, "all-linear", 0.0),
+                                                     (8, ["q_proj", "v_proj"], 0.0), (8, ["o_proj", "down_proj"], 0.0)])
+def test_activation_formula_matches_what_autograd_saves(lora_r, targets, dropout, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr(memory, "DROPOUT_MASK_BYTES", 2)  # CPU dropout keeps its mask in bf16, CUDA in bool
@@ -102,13 +103,14 @@ def test_activation_formula_matches_what_autograd_saves(lora_r, monkeypatch):
                        vocab_size=1000)
     model = LlamaForCausalLM(llama_config(shape, attn_implementation="sdpa"))
     if lora_r:
-        model = get_peft_model(model, LoraConfig(r=lora_r, target_modules="all-linear", lora_dropout=0.05))
+        model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=targets, lora_dropout=dropout))
         # As the Trainer does for peft under gradient checkpointing; else the first layer's input needs no grad.
         model.enable_input_require_grads()
     model = model.to(torch.bfloat16).train()
     batch, seq = 2, 256
     measured = saved_activation_bytes(model, torch.randint(0, shape.vocab_size, (batch, seq)))
     predicted = estimate(shape, gpus=1, zero_stage=0, micro_batch=batch, seq_len=seq, lora_r=lora_r,
+                         lora_targets=targets or "all-linear", lora_dropout=dropout,
                          gradient_checkpointing=False).activations
     assert predicted == pytest.approx(measured, rel=0.03)
 
