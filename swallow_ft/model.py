@@ -2,7 +2,10 @@
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
@@ -52,10 +55,15 @@ def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments):
     return torch.float32
 
 
+def triton_compiler() -> Optional[str]:
+    """Triton builds a small C launcher for each kernel on first use, with $CC, else gcc, else clang."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+
+
 def flex_attention_available() -> bool:
     from transformers.utils import is_torch_flex_attn_available
 
-    triton = importlib.util.find_spec("triton") is not None
+    triton = importlib.util.find_spec("triton") is not None and triton_compiler() is not None
     return torch.cuda.is_available() and is_torch_flex_attn_available() and triton
 
 

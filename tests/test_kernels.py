@@ -60,3 +60,24 @@ def test_kernels_this_machine_cannot_run_stop_before_weights_load(tiny_model, tm
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: run_clm.py: ") and expected in last, last
     assert "Loading weights" not in result.stderr and not (tmp_path / "local_tiny" / "checkpoints").exists()
+
+
+def test_triton_kernels_without_a_c_compiler_stop_before_weights_load(tiny_model, tmp_path, monkeypatch):
+    # Triton builds a C launcher per kernel on first use; a GPU image without gcc would fail mid-step. The GPU is
+    # pretended (this machine has none); the check itself and the compiler lookup are the real ones.
+    from swallow_ft.preflight import Findings, check_kernels
+
+    model_args, _, training_args = parse_input_arguments({}, [
+        "--model_name_or_path", str(tiny_model), "--train_file", "data/chat_ja.jsonl", "--output_dir", str(tmp_path),
+        "--attn_implementation", "flex_attention"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    found = Findings()
+    check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
+    assert found.problems == [] or model_module.triton_compiler() is None
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
+    assert model_module.triton_compiler() is None and not model_module.flex_attention_available()
+    check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
+    assert found.problems == ["run_clm.py: --attn_implementation flex_attention compiles Triton kernels, which needs "
+                              "a C compiler, and there is none (CC, gcc, clang): install gcc in the image, or use "
+                              "sdpa and no Liger"]
