@@ -11,7 +11,11 @@ import torch
 
 from swallow_ft import memory, plan
 
-SHAPES = {"tiny": memory.ModelShape(64, 2, 4, 2, 176, 1200), **memory.KNOWN_SHAPES}
+# tiny-32l: Swallow-7B's 32 layers at tiny width. Its compute is negligible, so on CPU its step time is the host's
+# own work per step (Python, dispatch) for the 7B LoRA structure.
+SHAPES = {"tiny": memory.ModelShape(64, 2, 4, 2, 176, 1200), "tiny-32l": memory.ModelShape(64, 32, 4, 2, 176, 1200),
+          **memory.KNOWN_SHAPES}
+SMALL = ("tiny", "tiny-32l")  # run on CPU, in fp32, without a disk check
 CUDA = torch.cuda.is_available()
 # name -> settings; "auto" is decided per shape and device in resolve(). Add a recipe by adding an entry, or
 # combine one with MODIFIERS on the command line: --recipes default,default+flex+liger,padded.
@@ -34,6 +38,7 @@ MODIFIERS = {
     "noliger": dict(liger=False),
     "nodrop": dict(lora_dropout=0.0),  # peft skips the dropout copy of each adapted layer's input
     "dropout": dict(lora_dropout=0.05),  # this project's default before bench/RESULTS.md
+    "qv": dict(lora_targets="q_proj,v_proj"),  # the reference's LoRA targets: 64 adapted layers instead of 224
     "padded": dict(packing=False),
     "ckpt": dict(checkpointing=True),
     "nockpt": dict(checkpointing=False),  # when the memory model is too cautious (it does not know Liger's savings)

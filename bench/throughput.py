@@ -35,7 +35,7 @@ from swallow_ft.det_callback import DetCallback  # noqa: E402
 from swallow_ft.local_core import LocalTrainContext  # noqa: E402
 from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
 
-from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, resolve  # noqa: E402  (bench/recipes.py: what is measured)
+from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, SMALL, resolve  # noqa: E402  (bench/recipes.py: what is measured)
 
 def sync():
     if CUDA:
@@ -241,12 +241,12 @@ def build_model_dir(shape_name, dest):
                          pad_token_id=tokenizer.pad_token_id)
     need = 2 * shape.total_params * 1.05
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if shape_name != "tiny" and shutil.disk_usage(dest.parent).free < need:
+    if shape_name not in SMALL and shutil.disk_usage(dest.parent).free < need:
         raise SystemExit(f"{shape_name}: needs {need / 1e9:.0f} GB free under {dest.parent} for the random "
                          "bf16 weights; pass --workdir or --model-dir on a larger disk")
     torch.manual_seed(0)
-    with torch.device("cuda" if CUDA and shape_name != "tiny" else "cpu"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.float32 if shape_name == "tiny" else torch.bfloat16)
+    with torch.device("cuda" if CUDA and shape_name not in SMALL else "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float32 if shape_name in SMALL else torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     del model
@@ -348,8 +348,8 @@ def main(argv=None):
                            "profile_steps": args.profile_steps}) for name in names]
     except ValueError as e:
         p.error(str(e))
-    if not CUDA and args.shape != "tiny":
-        p.error(f"--shape {args.shape} needs a GPU; on CPU use --shape tiny")
+    if not CUDA and args.shape not in SMALL:
+        p.error(f"--shape {args.shape} needs a GPU; on CPU use --shape {' or '.join(SMALL)}")
     ceiling = matmul_ceiling()
     shape = SHAPES[args.shape]
     device = torch.cuda.get_device_name(0) if CUDA else f"cpu ({os.cpu_count()} cores)"

@@ -62,6 +62,8 @@ def test_recipes_combine_with_modifiers():
     assert recipes.recipe("padded")["packing"] is False and recipes.recipe("default")["lora_dropout"] == 0.0
     with pytest.raises(ValueError, match="unknown modifier 'fast' in 'default\\+fast'"):
         recipes.recipe("default+fast")
+    assert recipes.recipe("seed+r16")["lora_r"] == 16 and recipes.recipe("default+qv")["lora_targets"] == "q_proj,v_proj"
+    assert recipes.SHAPES["tiny-32l"].num_layers == recipes.SHAPES["swallow-7b"].num_layers  # 7B's depth, tiny width
     on_cpu = recipes.resolve("default", "tiny", quiet=True)
     assert on_cpu["liger"] is False and on_cpu["micro_batch"] == 4 and on_cpu["seq"] == 256
 
