@@ -175,7 +175,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     measured = slice(min(r["warmup"], len(timer.times) - 1), r["warmup"] + r["steps"])
     times, tokens = timer.times[measured], timer.tokens[measured]
     row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
-                                                               "lora_targets", "lora_dropout", "attn", "liger",
+                                                               "lora_targets", "lora_dropout", "liger",
                                                                "note")},
            "deepspeed": Path(r["deepspeed"]).name if r["deepspeed"] else None,
            "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
