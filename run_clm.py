@@ -9,7 +9,7 @@ Locally, from the same experiment file (checkpoints and metrics under runs/<name
 import logging
 import sys
 
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from hf_callback import DetCallback
 from swallow_ft import runtime
@@ -20,6 +20,7 @@ from swallow_ft.model import load_model, load_tokenizer
 
 
 def main(det_callback, tb_callback, model_args, data_args, training_args):
+    set_seed(training_args.seed)  # before the LoRA adapters are initialised: the Trainer only seeds after that
     tokenizer = load_tokenizer(model_args)
     data = build_datasets(data_args, training_args, tokenizer, model_args.model_name_or_path,
                           cache_dir=model_args.cache_dir)

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import torch
+from safetensors.torch import load_file
+
 from conftest import REPO, checkpoint_steps, read_metrics, registered_steps, run_clm
 
 CONFIG = "experiments/local_tiny.yaml"
@@ -111,3 +114,19 @@ def test_fresh_starts_over(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
     assert sorted(checkpoint_steps(tmp_path / "local_tiny" / "checkpoints").values()) == [10]
+
+
+def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
+    # The LoRA adapters are initialised before the Trainer exists, so --seed must be applied before the model loads.
+    args = ["--config", CONFIG, "--max_steps", 3, "--logging_steps", 1, "--save_steps", 3, "--eval_strategy", "no"]
+    adapters = []
+    for run in ("first", "second"):
+        result = run_clm(*args, "--runs_dir", tmp_path / run)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (ckpt,) = (tmp_path / run / "local_tiny" / "checkpoints").glob("*/checkpoint-3")
+        adapters.append(load_file(ckpt / "adapter_model.safetensors"))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "local_tiny" / "metrics.jsonl")
+               if r["group"] == "training"] for run in ("first", "second")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
