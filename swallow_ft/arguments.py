@@ -6,6 +6,7 @@ occurrence): the entrypoint's arguments after `run_clm.py`, `hyperparameters.tra
 """
 
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -14,6 +15,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from swallow_ft.errors import UserError
 
+REGIONAL_COMPILATION = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
 ATTENTION_KERNELS = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
 
 
@@ -166,6 +168,11 @@ def parse_input_arguments(
         training_args.gradient_checkpointing_kwargs = training_args.activation_checkpointing_kwargs
     if "--include_num_input_tokens_seen" not in args:
         training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
+    if training_args.torch_compile:
+        # accelerate's regional compilation: one decoder layer is compiled and its code reused by all 32-80, where a
+        # whole-model compile traces every layer into one graph and its compile time grows with depth. Read by the
+        # Trainer's TorchDynamoPlugin; ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=false compiles the whole model.
+        os.environ.setdefault(REGIONAL_COMPILATION, "true")
     check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
 

@@ -60,6 +60,11 @@ def triton_compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
 
 
+def cpp_compiler() -> Optional[str]:
+    """torch.compile on CPU (inductor) builds C++ kernels with $CXX, else g++, else clang++."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
 def flex_attention_available() -> bool:
     from transformers.utils import is_torch_flex_attn_available
 

@@ -148,16 +148,20 @@ def check_kernels(model_args, training_args, ds_config: dict, found: Findings, w
     if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         found.problems.append(f"{where}: --attn_implementation flex_attention has no backward pass on CPU: use auto "
                               "(it picks sdpa here) or sdpa")
-    from swallow_ft.model import triton_compiler
+    from swallow_ft.model import cpp_compiler, triton_compiler
 
     triton_users = [flag for flag, used in (("--use_liger_kernel", training_args.use_liger_kernel),
                                             ("--attn_implementation flex_attention",
-                                             model_args.attn_implementation == "flex_attention")) if used]
+                                             model_args.attn_implementation == "flex_attention"),
+                                            ("--torch_compile", training_args.torch_compile)) if used]
     if triton_users and torch.cuda.is_available() and triton_compiler() is None:
         verb = "compile" if len(triton_users) > 1 else "compiles"
         found.problems.append(f"{where}: {' and '.join(triton_users)} {verb} Triton kernels, which needs a C "
-                              "compiler, and there is none (CC, gcc, clang): install gcc in the image, or use sdpa "
-                              "and no Liger")
+                              "compiler, and there is none (CC, gcc, clang): install gcc in the image, or use sdpa, "
+                              "no Liger and no --torch_compile")
+    if training_args.torch_compile and not torch.cuda.is_available() and cpp_compiler() is None:
+        found.problems.append(f"{where}: --torch_compile on CPU builds C++ kernels, which needs a C++ compiler, and "
+                              "there is none (CXX, g++, clang++): install g++, or drop --torch_compile")
     if model_args.attn_implementation == "flash_attention_2" and find_spec("flash_attn") is None:
         found.problems.append(f"{where}: --attn_implementation flash_attention_2 needs the flash-attn package: "
                               "install it, or use auto (flex_attention for packed rows on a GPU, else sdpa)")

@@ -80,4 +80,25 @@ def test_triton_kernels_without_a_c_compiler_stop_before_weights_load(tiny_model
     check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
     assert found.problems == ["run_clm.py: --attn_implementation flex_attention compiles Triton kernels, which needs "
                               "a C compiler, and there is none (CC, gcc, clang): install gcc in the image, or use "
-                              "sdpa and no Liger"]
+                              "sdpa, no Liger and no --torch_compile"]
+
+
+@on_cpu
+def test_torch_compile_without_a_cpp_compiler_stops_before_weights_load(tiny_model, tmp_path, monkeypatch):
+    # On CPU inductor builds C++ kernels; the check and the compiler lookup are real, the missing compiler is not.
+    from swallow_ft.arguments import REGIONAL_COMPILATION
+    from swallow_ft.preflight import Findings, check_kernels
+
+    monkeypatch.setenv(REGIONAL_COMPILATION, "true")  # parsing --torch_compile sets it; keep it out of later tests
+    model_args, _, training_args = parse_input_arguments({}, [
+        "--model_name_or_path", str(tiny_model), "--train_file", "data/chat_ja.jsonl", "--output_dir", str(tmp_path),
+        "--use_cpu", "true", "--torch_compile"])
+    found = Findings()
+    check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
+    assert found.problems == [] or model_module.cpp_compiler() is None
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, no clang++
+    found = Findings()
+    check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
+    assert found.problems == ["run_clm.py: --torch_compile on CPU builds C++ kernels, which needs a C++ compiler, "
+                              "and there is none (CXX, g++, clang++): install g++, or drop --torch_compile"]
