@@ -179,9 +179,11 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
                                                                "note")},
            "deepspeed": Path(r["deepspeed"]).name if r["deepspeed"] else None,
            "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
+           "compiled": compiled_regions(trainer.model_wrapped),
            "activation_checkpointing": bool(r["checkpointing"]), "world_size": training_args.world_size,
            "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times),
            "step_time": statistics.median(times),
+           "warmup_s": sum(timer.times[:r["warmup"]]),  # includes the compile of compiled recipes
            "fill_efficiency": collator.real / max(collator.slots, 1), "packing_efficiency": efficiency,
            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / memory.GiB if CUDA else None}
     if profiler.summary:
@@ -197,6 +199,15 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     return row
 
 
+def compiled_regions(model):
+    """What torch.compile wrapped in the model the Trainer ran: "model", "layers" (regional) or None."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        return "model"
+    return "layers" if any(isinstance(m, OptimizedModule) for m in model.modules()) else None
+
+
 def run_in_child(name, r, model_dir, work, args, data):
     """Run one recipe in a child process and read its row back. DeepSpeed needs a process group, so it runs under
     torchrun with one process; Liger patches transformers' modules globally, so it must not leak into other rows."""
@@ -208,11 +219,11 @@ def run_in_child(name, r, model_dir, work, args, data):
            "--profile-dir", str(profile_dir(args).resolve())]
     why = ("DeepSpeed recipe, running it under torchrun --nproc_per_node 1" if r["deepspeed"] else
            "Liger patches transformers globally, running it in its own process" if r["liger"] else
-           f"PYTORCH_CUDA_ALLOC_CONF={r['alloc']} needs a fresh process" if r["alloc"] else
+           f"{' '.join(f'{k}={v}' for k, v in r['env'].items())} needs a fresh process" if r["env"] else
+           "the compiler's caches and recompile limits are per process, running it in its own" if r["compile"] else
            "running it in its own process")
     print(f"[bench] {name}: {why}", file=sys.stderr, flush=True)
-    env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": r["alloc"]} if r["alloc"] else {})}
-    result = subprocess.run(cmd, cwd=REPO, env=env)
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **r["env"]})
     if result.returncode != 0 or not out.exists():
         raise RuntimeError(f"its child process failed (exit {result.returncode}); its output is above")
     return json.loads(out.read_text())
@@ -288,7 +299,7 @@ def table(rows):
             f"{x['precision']}, {x['deepspeed'] or 'no DeepSpeed'}, {x['micro_batch']}x{x['seq']}, "
             f"{'packed' if x['packing'] else 'padded'}, ckpt {'on' if x['activation_checkpointing'] else 'off'}, "
             f"LoRA r{x['lora_r']} {x['lora_targets']} dropout {x['lora_dropout']:g}, {x['attn']}"
-            f"{', liger' if x['liger'] else ''} |"]))
+            f"{', liger' if x['liger'] else ''}{', compiled ' + x['compiled'] if x.get('compiled') else ''} |"]))
     return "\n".join(lines)
 
 
@@ -370,11 +381,10 @@ def main(argv=None):
                 print(f"[bench] {name} on {data} data ({time.monotonic() - started:.0f} s in)", file=sys.stderr,
                       flush=True)
                 try:
-                    row = (run_in_child(name, r, model_dir, work, args, data)
-                           if (r["deepspeed"] or r["liger"] or r["alloc"] or isolate) and not distributed
+                    own_process = r["deepspeed"] or r["liger"] or r["env"] or r["compile"] or isolate
+                    row = (run_in_child(name, r, model_dir, work, args, data) if own_process and not distributed
                            else run_recipe(name, r, model_dir, work / safe(name), data, profile_dir(args)))
-                    if row.get("left_allocated_gib", 0) > 1 and not (r["deepspeed"] or r["liger"] or r["alloc"]
-                                                                      or isolate):
+                    if row.get("left_allocated_gib", 0) > 1 and not own_process:
                         isolate = True
                         print(f"[bench] {name} left {row['left_allocated_gib']:.1f} GiB allocated: the remaining "
                               "recipes run in their own processes", file=sys.stderr, flush=True)

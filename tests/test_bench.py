@@ -64,6 +64,10 @@ def test_recipes_combine_with_modifiers():
         recipes.recipe("default+fast")
     assert recipes.recipe("seed+r16")["lora_r"] == 16 and recipes.recipe("default+qv")["lora_targets"] == "q_proj,v_proj"
     assert recipes.SHAPES["tiny-32l"].num_layers == recipes.SHAPES["swallow-7b"].num_layers  # 7B's depth, tiny width
+    compiled = recipes.recipe("default+compilefull+expseg")  # environment variables from several modifiers add up
+    assert compiled["compile"] and compiled["env"] == {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "false",
+                                                       "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert recipes.recipe("default")["env"] == {}
     on_cpu = recipes.resolve("default", "tiny", quiet=True)
     assert on_cpu["liger"] is False and on_cpu["micro_batch"] == 4 and on_cpu["seq"] == 256
 
@@ -80,14 +84,15 @@ def test_bad_recipe_and_budget(tiny_model, tmp_path):
 
 def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     # bench/gpu.sh is what a session with a GPU runs in one call; this checks the script, not any timing.
-    env = {**os.environ, "SHAPE": "tiny", "RECIPES_SKEWED": "seed,default+expseg", "RECIPES_RANDOM": "default",
+    env = {**os.environ, "SHAPE": "tiny", "RECIPES_SKEWED": "seed,default+expseg", "RECIPES_RANDOM": "default+compile",
            "PROFILE_STEPS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     skewed, random = (json.loads((tmp_path / f"{d}.json").read_text()) for d in ("skewed", "random"))
     assert [r["recipe"] for r in skewed["rows"]] == ["seed", "default+expseg"] and skewed["skipped"] == []
-    assert [r["recipe"] for r in random["rows"]] == ["default"]
+    assert [r["recipe"] for r in random["rows"]] == ["default+compile"]
+    assert random["rows"][0]["compiled"] == "layers" and skewed["rows"][1]["compiled"] is None
     assert all(r["profile"]["aten_ops_per_step"] > 0 for r in skewed["rows"] + random["rows"])
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
         assert "profiles/profile-default_expseg-skewed.txt" in tar.getnames()
