@@ -33,7 +33,9 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
         train_dataset=data.train,
         eval_dataset=data.validation,
         processing_class=tokenizer,
-        data_collator=build_collator(tokenizer, packing=data_args.packing),
+        # Under torch.compile packed batches get one static shape, so the layers compile once.
+        data_collator=build_collator(tokenizer, packing=data_args.packing,
+                                     width=data.block_size if training_args.torch_compile else None),
         callbacks=[det_callback] + ([tb_callback] if tb_callback else []),
     )
     with det_callback.dsat_reporting():

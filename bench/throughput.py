@@ -159,7 +159,8 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     if data_args.packing:
         train = pack(train, r["seq"])
     efficiency = packing_efficiency(train, r["seq"]) if data_args.packing else None
-    collator = Counting(build_collator(tokenizer, packing=data_args.packing), pad)
+    collator = Counting(build_collator(tokenizer, packing=data_args.packing, width=r["seq"] if r["compile"] else None),
+                        pad)
     logging_dir = work / "det"
     core = det.core._dummy_init(distributed=runtime.distributed_context(), checkpoint_storage=str(logging_dir / "ckpt"))
     core.train = LocalTrainContext(logging_dir / "metrics.jsonl", logging_dir / "tensorboard")

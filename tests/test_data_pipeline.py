@@ -68,6 +68,13 @@ def test_pack_fills_rows_and_the_collator_restarts_positions(tokenizer):
     assert "attention_mask" not in batch
     assert batch["input_ids"].shape[1] == max(len(packed[0]["input_ids"]), len(packed[2]["input_ids"]))
     assert (batch["labels"] == IGNORE).sum() == abs(len(packed[0]["input_ids"]) - len(packed[2]["input_ids"]))
+    # A fixed width (what --torch_compile uses: one static shape): the padding is its own position run, never trained.
+    fixed = PackedCollator(pad_token_id=0, width=12)([packed[0], packed[2]])
+    assert fixed["input_ids"].shape == (2, 12)
+    assert fixed["position_ids"][0].tolist() == packed[0]["position_ids"] + list(range(12 - len(packed[0]["input_ids"])))
+    assert torch.equal(fixed["labels"][:, :batch["labels"].shape[1]][batch["labels"] != IGNORE],
+                       batch["labels"][batch["labels"] != IGNORE])
+    assert (fixed["labels"] != IGNORE).sum() == (batch["labels"] != IGNORE).sum()
 
 
 def test_unpacked_batches_pad_to_the_longest_row_not_block_size(tokenizer, tmp_path):

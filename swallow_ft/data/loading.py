@@ -32,6 +32,7 @@ class PreparedData:
     prompt_format: PromptFormat
     shape: str
     packing_efficiency: Optional[float] = None
+    block_size: Optional[int] = None
 
 
 def _builder_for(path: str) -> str:
@@ -156,13 +157,14 @@ def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArgu
         efficiency = packing_efficiency(splits["train"], block_size)
         logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
                     len(splits["train"]), block_size, 100 * efficiency)
-    return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency)
+    return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency, block_size)
 
 
-def build_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
-    """Batches are padded to their longest row, never to block_size; labels pad with -100."""
+def build_collator(tokenizer: PreTrainedTokenizerBase, packing: bool, width: Optional[int] = None):
+    """Batches are padded to their longest row, never to block_size; labels pad with -100. width: pad packed
+    batches to exactly this many tokens instead (for torch.compile, which compiles once for a static shape)."""
     if packing:
-        return PackedCollator(tokenizer.pad_token_id)
+        return PackedCollator(tokenizer.pad_token_id, width)
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
 
 

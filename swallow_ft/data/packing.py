@@ -5,7 +5,7 @@ attn_implementation="sdpa" (and use_cache=False) transformers 5 turns that into 
 causal mask, so each example only ever sees itself. tests/test_packing.py checks the logits.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from datasets import Dataset
@@ -54,13 +54,13 @@ def packing_efficiency(dataset: Dataset, block_size: int) -> float:
 
 
 class PackedCollator:
-    """Pads packed rows to the longest in the batch; the padding forms its own position run."""
+    """Pads packed rows to the longest in the batch, or to a fixed width; the padding forms its own position run."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, width: Optional[int] = None):
+        self.pad_token_id, self.width = pad_token_id, width
 
     def __call__(self, rows: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        width = max([len(r["input_ids"]) for r in rows] + [self.width or 0])
         batch = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:
             pad = width - len(r["input_ids"])
