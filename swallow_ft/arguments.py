@@ -16,6 +16,11 @@ from transformers import HfArgumentParser, TrainingArguments
 from swallow_ft.errors import UserError
 
 REGIONAL_COMPILATION = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+# Under torch.compile Liger supplies only its fused loss, which runs outside the compiled layers; inside them inductor
+# fuses RMSNorm, SwiGLU and RoPE itself, and Liger's Triton versions of those break or drift under torch.compile
+# (linkedin/Liger-Kernel#174).
+LIGER_UNDER_COMPILE = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "swiglu": False,
+                       "rope": False}
 ATTENTION_KERNELS = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
 
 
@@ -173,6 +178,8 @@ def parse_input_arguments(
         # whole-model compile traces every layer into one graph and its compile time grows with depth. Read by the
         # Trainer's TorchDynamoPlugin; ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=false compiles the whole model.
         os.environ.setdefault(REGIONAL_COMPILATION, "true")
+        if training_args.use_liger_kernel and training_args.liger_kernel_config is None:
+            training_args.liger_kernel_config = dict(LIGER_UNDER_COMPILE)
     check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
 

@@ -83,3 +83,13 @@ def test_compiled_training_matches_eager_saves_the_same_adapter_and_resumes(tiny
     assert re.search(r"resuming from checkpoint \S+ \(.*checkpoint-20\)", resumed.stderr), resumed.stderr[-3000:]
     assert "Finished at step 30" in resumed.stdout
     assert list(_training_losses(compiled_dir)) == list(range(1, 31))
+
+
+def test_under_compile_liger_supplies_only_its_fused_loss(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(REGIONAL_COMPILATION, "true")
+    base = ["--model_name_or_path", str(tiny_model), "--train_file", "data/chat_ja.jsonl", "--output_dir",
+            str(tmp_path), "--use_liger_kernel"]
+    assert parse_input_arguments({}, base)[2].liger_kernel_config is None  # eager: all of Liger's kernels
+    config = parse_input_arguments({}, base + ["--torch_compile"])[2].liger_kernel_config
+    assert config == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False,
+                      "swiglu": False, "rope": False}
