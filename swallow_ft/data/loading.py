@@ -161,8 +161,8 @@ def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArgu
 
 
 def build_collator(tokenizer: PreTrainedTokenizerBase, packing: bool, width: Optional[int] = None):
-    """Batches are padded to their longest row, never to block_size; labels pad with -100. width: pad packed
-    batches to exactly this many tokens instead (for torch.compile, which compiles once for a static shape)."""
+    """Batches are padded to their longest row, labels with -100. With width, packed batches are padded to exactly
+    width tokens instead, so that torch.compile compiles once for one static shape."""
     if packing:
         return PackedCollator(tokenizer.pad_token_id, width)
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
