@@ -93,3 +93,29 @@ def test_under_compile_liger_supplies_only_its_fused_loss(tiny_model, tmp_path, 
     config = parse_input_arguments({}, base + ["--torch_compile"])[2].liger_kernel_config
     assert config == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False,
                       "swiglu": False, "rope": False}
+
+
+def test_compiled_flex_attention_sees_packed_rows_and_compiles_once(tiny_model):
+    # On a GPU, --attn_implementation auto picks flex_attention for packed rows, and its block mask (a new one per
+    # batch) reaches the compiled layers as an input. Checked here forward-only: flex has no backward on CPU.
+    from accelerate.utils import compile_regions
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    models = {}
+    for attn in ("sdpa", "flex_attention"):
+        models[attn] = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
+        models[attn].config.use_cache = False
+    compiled = compile_regions(models["flex_attention"])
+    generator = torch.Generator().manual_seed(0)
+    graphs = []  # compiled graphs so far, after each batch
+    for lengths in ([[100, 156], [30, 200, 26]], [[256], [1, 255]], [[64] * 4, [128, 100, 28]]):
+        ids = torch.randint(3, 1000, (2, 256), generator=generator)
+        position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+        with torch.no_grad():
+            expected = models["sdpa"](input_ids=ids, position_ids=position_ids).logits
+            got = compiled(input_ids=ids, position_ids=position_ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2  # new packings, no new graphs
