@@ -93,6 +93,8 @@ def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     assert [r["recipe"] for r in skewed["rows"]] == ["seed", "default+expseg"] and skewed["skipped"] == []
     assert [r["recipe"] for r in random["rows"]] == ["default+compile"]
     assert random["rows"][0]["compiled"] == "layers" and skewed["rows"][1]["compiled"] is None
+    # The compile happens in the warm-up steps, which is why they are not measured.
+    assert random["rows"][0]["warmup_s"] > random["rows"][0]["step_time"] * 4
     assert all(r["profile"]["aten_ops_per_step"] > 0 for r in skewed["rows"] + random["rows"])
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
         assert "profiles/profile-default_expseg-skewed.txt" in tar.getnames()
