@@ -31,7 +31,7 @@ from swallow_ft.arguments import parse_input_arguments  # noqa: E402
 from swallow_ft.data import build_collator  # noqa: E402  (the project's collators and packing)
 from swallow_ft.data.encoding import IGNORE  # noqa: E402
 from swallow_ft.data.packing import pack, packing_efficiency  # noqa: E402
-from swallow_ft.det_callback import DetCallback  # noqa: E402
+from swallow_ft.det_callback import DetCallback, flops_per_token  # noqa: E402
 from swallow_ft.local_core import LocalTrainContext  # noqa: E402
 from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
 
@@ -182,6 +182,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
            "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
            "compiled": compiled_regions(trainer.model_wrapped),
            "activation_checkpointing": bool(r["checkpointing"]), "world_size": training_args.world_size,
+           "flops_per_token": flops_per_token(model),  # the callback's count, so the bench's MFU is the Web UI's
            "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times),
            "step_time": statistics.median(times),
            "warmup_s": sum(timer.times[:r["warmup"]]),  # includes the compile of compiled recipes
@@ -279,13 +280,6 @@ def matmul_ceiling():
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
-def flops_per_token(shape, r):
-    """6N for full fine-tuning; 4N for a frozen base (forward 2N + input gradients 2N) plus 6N of the adapters.
-    N counts the matmul weights (embedding lookup excluded, lm_head included); attention scores are not counted."""
-    n_base = shape.total_params - shape.vocab_size * shape.hidden_size
-    return 6 * n_base if not r["lora_r"] else 4 * n_base + 6 * shape.lora_params(r["lora_r"], r["lora_targets"])
-
-
 def table(rows):
     lines = ["| data | recipe | tokens/s | vs seed | step s | fill | peak GiB | MFU | settings |", "|---" * 9 + "|"]
     for x in rows:
@@ -363,7 +357,6 @@ def main(argv=None):
     if not CUDA and args.shape not in SMALL:
         p.error(f"--shape {args.shape} needs a GPU; on CPU use --shape {' or '.join(SMALL)}")
     ceiling = matmul_ceiling()
-    shape = SHAPES[args.shape]
     device = torch.cuda.get_device_name(0) if CUDA else f"cpu ({os.cpu_count()} cores)"
     report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
               "shape": args.shape, "data": args.data, "ceiling_tflops": ceiling / 1e12, "rows": [], "skipped": []}
@@ -389,7 +382,7 @@ def main(argv=None):
                         isolate = True
                         print(f"[bench] {name} left {row['left_allocated_gib']:.1f} GiB allocated: the remaining "
                               "recipes run in their own processes", file=sys.stderr, flush=True)
-                    row["mfu"] = row["tokens_per_second"] * flops_per_token(shape, r) / (ceiling * row["world_size"])
+                    row["mfu"] = row["tokens_per_second"] * row["flops_per_token"] / (ceiling * row["world_size"])
                 except Exception as e:  # one failed recipe (an OOM, a missing kernel) must not lose the others
                     row = {"recipe": name, "data": data, "error": f"{type(e).__name__}: {e}"[:300]}
                     gc.collect()

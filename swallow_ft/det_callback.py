@@ -23,28 +23,38 @@ from swallow_ft.errors import UserError
 logger = logging.getLogger("swallow_ft.det_callback")
 
 
-# Dense bf16 peak TFLOP/s by GPU name, for the MFU estimate (vendor numbers, no sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A6000": 155, "A10": 125, "L4": 121,
-                    "V100": 125}
+# Dense bf16 peak TFLOP/s by GPU name, for the MFU estimate (vendor numbers, no sparsity). The first key contained in
+# the device name wins, so variants come before their family: "H100 PCIe" before "H100", "L40S" before "L40".
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIE": 756, "H100 NVL": 835, "H100": 989, "A100": 312, "L40S": 362,
+                    "L40": 181, "A6000": 155, "A10": 125, "L4": 121, "V100": 125}
 
 
-def flops_per_token(model, recomputing: bool) -> float:
-    """6N per trained token for full fine-tuning, 4N when the base is frozen (LoRA: no weight gradients for it),
-    plus 2N when activation checkpointing runs the forward twice; N counts ZeRO-3-partitioned weights whole."""
-    total = trainable = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-    return ((6 if trainable > total / 2 else 4) + (2 if recomputing else 0)) * total
-
-
-def peak_flops() -> Optional[float]:
+def flops_per_token(model) -> float:
+    """Model FLOPs per trained token, as PaLM's MFU counts them: forward 2N plus activation gradients 2N over every
+    matmul weight, plus weight gradients 2N over the trainable ones. So 6N for full fine-tuning and 4N + 6N_lora on a
+    frozen LoRA base. N counts `nn.Linear` weights (lm_head included, the embedding lookup not; ZeRO-3-partitioned
+    weights whole). Attention scores, activation-checkpointing recompute and padding are not counted, so the same
+    run reads the same with and without checkpointing. bench/throughput.py uses this function too."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0).upper()
+    total = trainable = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n = getattr(module.weight, "ds_numel", module.weight.numel())
+            total += n
+            trainable += n if module.weight.requires_grad else 0
+    return 4 * total + 2 * trainable
+
+
+def peak_flops(device_name: Optional[str] = None) -> Optional[float]:
+    """Dense bf16 FLOP/s of this GPU (or of the named one) from PEAK_BF16_TFLOPS; None on CPU or an unlisted card."""
+    import torch
+
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name(0)
+    name = device_name.upper()
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
@@ -154,7 +164,7 @@ class DetCallback(TrainerCallback):
         self._tokens_at_start = self._tokens_at_last_log = state.num_input_tokens_seen
         peak = peak_flops()
         if model is not None and peak:
-            self._flops_per_token_over_peak = flops_per_token(model, args.activation_checkpointing) / peak
+            self._flops_per_token_over_peak = flops_per_token(model) / peak
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()

@@ -51,6 +51,14 @@ def test_seed_runs_zero3_under_torchrun_on_cpu(tiny_model, tmp_path):
     assert seed["micro_batch"] == 1 and seed["seq"] == 1024 and seed["lora_targets"] == "q_proj,v_proj"
     assert seed["tokens_per_second"] > 0 and seed["step_time"] > 0
     assert seed["vs_seed"] == 1.0 and rows["default"]["vs_seed"] > 0
+    # MFU's FLOPs count ZeRO-3-partitioned weights whole: the same count as the unsharded default's base.
+    sys.path.insert(0, str(REPO / "bench"))
+    from recipes import SHAPES
+
+    shape = SHAPES["tiny"]
+    base = shape.total_params - shape.vocab_size * shape.hidden_size - shape.hidden_size * (2 * shape.num_layers + 1)
+    assert seed["flops_per_token"] == 4 * base + 6 * shape.lora_params(8, "q_proj,v_proj")
+    assert rows["default"]["flops_per_token"] == 4 * base + 6 * shape.lora_params(16)
 
 
 def test_recipes_combine_with_modifiers():
