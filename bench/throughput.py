@@ -24,14 +24,15 @@ import determined as det  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 
 from swallow_ft import memory, runtime, tiny  # noqa: E402
 from swallow_ft.arguments import parse_input_arguments  # noqa: E402
 from swallow_ft.data import build_collator  # noqa: E402  (the project's collators and packing)
 from swallow_ft.data.encoding import IGNORE  # noqa: E402
 from swallow_ft.data.packing import pack, packing_efficiency  # noqa: E402
-from swallow_ft.det_callback import DetCallback, flops_per_token  # noqa: E402
+from swallow_ft.det_callback import DetCallback  # noqa: E402
+from swallow_ft.flops import FlopCountingTrainer, flops_per_token  # noqa: E402
 from swallow_ft.local_core import LocalTrainContext  # noqa: E402
 from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
 
@@ -170,8 +171,8 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     with core:
         callback = DetCallback(core, training_args, strict_searcher=False)
         callback.constant_metrics.update({"packing_efficiency": efficiency} if efficiency is not None else {})
-        trainer = Trainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                          data_collator=collator, callbacks=[callback, timer, profiler])
+        trainer = FlopCountingTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                                      data_collator=collator, callbacks=[callback, timer, profiler])
         trainer.train()
     measured = slice(min(r["warmup"], len(timer.times) - 1), r["warmup"] + r["steps"])
     times, tokens = timer.times[measured], timer.tokens[measured]
