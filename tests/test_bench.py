@@ -107,3 +107,12 @@ def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
         assert "profiles/profile-default_expseg-skewed.txt" in tar.getnames()
     assert "python" in (tmp_path / "versions.txt").read_text()
+
+
+def test_trainer_overhead_script_measures_the_bookkeeping_calls():
+    result = subprocess.run([sys.executable, "bench/trainer_overhead.py"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "739 parameters, 448 trainable" in result.stdout  # the 7B module structure, all-linear LoRA r16
+    for call in ("Trainer.floating_point_ops", "FlopCountingTrainer.floating_point_ops", "model.zero_grad()"):
+        assert f"ms  {call}" in result.stdout
