@@ -39,10 +39,10 @@ def peak_flops(device_name: Optional[str] = None) -> Optional[float]:
 class FlopCountingTrainer(Trainer):
     """transformers.Trainer with one change: FLOPs counted by `flops_per_token`, once per run.
 
-    The Trainer's own count walks every parameter after every micro-step (about 6 ms of host time for a 32-layer LoRA
-    model, while the GPU waits: the Trainer has just synchronised on the loss) and charges 6 FLOPs per parameter,
-    1.5x too many for a frozen LoRA base. `total_flos` (train metrics, trainer_state.json) is then the MFU's count
-    times the token slots trained, padding included.
+    The Trainer's own count walks every parameter after every micro-step, right after it has synchronised on the
+    loss, so the GPU waits for the walk: 6.6-8.5 ms of host time for a 32-layer LoRA model on the CI machine
+    (bench/RESULTS.md). It also charges 6 FLOPs to every parameter, 1.5x too many for a frozen LoRA base. Here
+    `total_flos` (train metrics, trainer_state.json) is the MFU's count times the token slots trained, padding included.
     """
 
     _flops_per_token: Optional[float] = None
