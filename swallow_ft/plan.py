@@ -10,8 +10,10 @@ Every setting that fits (swallow_ft.memory) is timed with a simple model, and th
   2 x weight bytes x (N-1)/N per GPU. DeepSpeed prefetches it during compute, so a micro-step costs
   max(compute, all-gather) plus ZeRO-3's fixed bookkeeping (measured on an H100); the planner grows the
   micro-batch until compute hides the gathers and amortises the rest;
-- gradients are all-reduced once per optimizer step (tiny for LoRA); offloaded optimizer states cross PCIe twice;
-  each micro-step also pays a fixed launch overhead, so of two equally fast settings the larger micro-batch wins.
+- gradients are all-reduced once per optimizer step (tiny for LoRA); each micro-step also pays a fixed launch
+  overhead, so of two equally fast settings the larger micro-batch wins;
+- CPU offload is a last resort, considered only when nothing fits without it: offloaded weight shards cross PCIe
+  before every forward and backward, optimizer states twice per step, and they hold pinned host memory.
 The rates are assumptions (GPU_SPECS, overridable with --tflops/--interconnect-gbps), so treat the time as a
 ranking, and measure with bench/throughput.py.
 """
@@ -57,6 +59,7 @@ class Plan:
     estimate: memory.MemoryEstimate
     compute_s: float
     gather_s: float
+    pcie_s: float
     step_s: float
     tokens_per_second_per_gpu: float
     reasons: List[str]
@@ -70,10 +73,12 @@ def _step_time(shape, setting: Setting, gpus: int, seq: int, lora_r: Optional[in
     gather = 2 * 2 * params * (gpus - 1) / gpus / (link_gbps * 1e9) if setting.zero_stage == 3 else 0.0
     trainable = shape.lora_params(lora_r, "all-linear") if lora_r else params
     reduce = 2 * 2 * trainable * (gpus - 1) / gpus / (link_gbps * 1e9) if gpus > 1 else 0.0
-    offload = 2 * memory.ADAM_STATE_BYTES * trainable / gpus / (PCIE_GBPS * 1e9) if setting.offload else 0.0
+    # Offloaded weight shards come up from the host before every forward and backward, ahead of their all-gather.
+    pcie = 2 * 2 * params / gpus / (PCIE_GBPS * 1e9) if setting.offload else 0.0
+    optimizer_pcie = 2 * memory.ADAM_STATE_BYTES * trainable / gpus / (PCIE_GBPS * 1e9) if setting.offload else 0.0
     zero3 = ZERO3_OVERHEAD_S_PER_BILLION * params / 1e9 if setting.zero_stage == 3 else 0.0
-    step = accumulation * (max(compute, gather) + zero3 + MICRO_STEP_OVERHEAD_S) + reduce + offload
-    return compute, gather, step
+    step = accumulation * (max(compute, gather + pcie) + zero3 + MICRO_STEP_OVERHEAD_S) + reduce + optimizer_pcie
+    return compute, gather, pcie, step
 
 
 def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bool, global_batch: int,
@@ -89,22 +94,25 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
                 while micro * gpus <= max(global_batch, gpus):
                     candidates.append(Setting(zero_stage, micro, checkpointing, offload))
                     micro *= 2
-    best = None
+    fitting = []
     for setting in candidates:
         est = memory.estimate(shape, gpus=gpus, zero_stage=setting.zero_stage, micro_batch=setting.micro_batch,
                               seq_len=seq, lora_r=lora_r if lora else None, gradient_checkpointing=setting.checkpointing,
                               offload_optimizer=setting.offload, offload_params=setting.offload)
-        if not memory.fits(est, gpu_mem):
-            continue
+        if memory.fits(est, gpu_mem):
+            fitting.append((setting, est))
+    # Offload only if needed: the time model cannot see its real costs (pinned host memory, the CPU's own work, PCIe
+    # shared by 4-8 GPUs), and a micro-batch it enlarges rarely pays them back.
+    best = None
+    for setting, est in [f for f in fitting if not f[0].offload] or fitting:
         accumulation = max(1, math.ceil(global_batch / (setting.micro_batch * gpus)))
-        compute, gather, step = _step_time(shape, setting, gpus, seq, lora_r if lora else None, accumulation,
-                                             tflops, link_gbps)
+        compute, gather, pcie, step = _step_time(shape, setting, gpus, seq, lora_r if lora else None, accumulation,
+                                                 tflops, link_gbps)
         speed = setting.micro_batch * seq * accumulation / step
-        # The fastest wins; offload and recomputation must earn their complexity by a few percent.
-        key = (speed * (0.97 if setting.offload else 1.0) * (0.99 if setting.checkpointing else 1.0),
-               -setting.zero_stage)
+        # The fastest wins; recomputation must earn its complexity by a percent.
+        key = (speed * (0.99 if setting.checkpointing else 1.0), -setting.zero_stage)
         if best is None or key > best[0]:
-            best = (key, Plan(setting, accumulation, est, compute, gather, step, speed, []))
+            best = (key, Plan(setting, accumulation, est, compute, gather, pcie, step, speed, []))
     if best is None:
         raise UserError(f"nothing fits {gpus} x {gpu_mem:g} GiB for {shape.total_params / 1e9:.1f}B parameters at "
                         f"{seq} tokens, even micro-batch 1 with ZeRO-3, offload and recomputation: add GPUs")
@@ -132,7 +140,13 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List
     if s.checkpointing:
         reasons.append("activation checkpointing: without it the activations of this micro-batch do not fit")
     if s.offload:
-        reasons.append("CPU offload: nothing else fits; expect PCIe to dominate the step")
+        moved = chosen.gather_s + chosen.pcie_s
+        reasons.append(f"CPU offload: nothing fits the GPUs without it. The weight shards cross PCIe before every "
+                       f"forward and backward ({chosen.pcie_s * 1e3:.0f} ms per micro-step, then "
+                       f"{chosen.gather_s * 1e3:.0f} ms of all-gather, vs {chosen.compute_s * 1e3:.0f} ms of "
+                       f"compute: {'PCIe and the gathers dominate' if moved > chosen.compute_s else 'compute hides them'}"
+                       f"); they and the optimizer state take pinned host memory, {weights_gib / gpus:.0f} GiB per GPU for the "
+                       "weights alone")
     reasons.append(f"gradient accumulation {chosen.accumulation} for a global batch of "
                    f"{s.micro_batch * gpus * chosen.accumulation} sequences")
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")

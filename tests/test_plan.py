@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
-from swallow_ft.memory import KNOWN_SHAPES, fits
+from swallow_ft.memory import KNOWN_SHAPES, estimate, fits
 from swallow_ft.plan import flags_for, plan, write_into
 from swallow_ft.preflight import check_experiment
 
@@ -19,6 +19,31 @@ def test_70b_on_four_80gb_gpus_shards_with_zero3_and_hides_the_all_gather():
     assert chosen.setting.micro_batch > 1
     assert any("all-gather the weights twice" in r for r in chosen.reasons)
     assert "--use_liger_kernel" not in flags_for(chosen, 2048)  # the fused loss reads lm_head, which ZeRO-3 shards
+
+
+@pytest.mark.parametrize("gpu", ["h100", "a100"])
+@pytest.mark.parametrize("global_batch", [32, 64, 128])
+def test_70b_on_four_80gb_gpus_never_offloads(gpu, global_batch):
+    """ZeRO-3 alone fits 4 x 80 GB, so offload (pinned host memory, PCIe before every forward and backward) is not
+    needed; the planner used to pick it at global batch 64 for the larger micro-batch it allows."""
+    chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=4, gpu_mem=80, seq=2048, lora=True, global_batch=global_batch,
+                  gpu=gpu)
+    assert chosen.setting.zero_stage == 3 and not chosen.setting.offload and chosen.pcie_s == 0
+    assert "offload" not in " ".join(flags_for(chosen, 2048))
+
+
+def test_offload_only_when_nothing_fits_without_it():
+    shape = KNOWN_SHAPES["swallow-70b"]
+    for gpus, gpu_mem in ((2, 48), (2, 80), (4, 40), (4, 48), (8, 24), (8, 40)):
+        chosen = plan(shape, gpus=gpus, gpu_mem=gpu_mem, seq=2048, lora=True, global_batch=64)
+        smallest_on_gpu = estimate(shape, gpus=gpus, zero_stage=3, micro_batch=1, seq_len=2048, lora_r=16,
+                                   gradient_checkpointing=True)
+        assert chosen.setting.offload is not fits(smallest_on_gpu, gpu_mem), (gpus, gpu_mem)
+    chosen = plan(shape, gpus=2, gpu_mem=48, seq=2048, lora=True, global_batch=64)
+    assert chosen.setting.offload and chosen.pcie_s > 0
+    (reason,) = [r for r in chosen.reasons if r.startswith("CPU offload")]
+    assert "nothing fits the GPUs without it" in reason and "cross PCIe" in reason and "64 GiB per GPU" in reason
+    assert "ds_configs/ds_config_stage_3_offload.json" in flags_for(chosen, 2048)
 
 
 @pytest.mark.parametrize("shape, gpus", [("swallow-7b", 1), ("swallow-13b", 2)])
