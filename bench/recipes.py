@@ -92,7 +92,7 @@ def resolve(name, shape_name, quiet=False):
         r["micro_batch"] = chosen.micro_batch
         r["checkpointing"] = chosen.checkpointing if r["checkpointing"] == "auto" else r["checkpointing"]
         if r["deepspeed"] == "auto":
-            r["deepspeed"] = plan.DS_CONFIGS[chosen.zero_stage] if chosen.zero_stage else None
+            r["deepspeed"] = plan.ds_config_for(chosen)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
 
     def fits(ckpt):  # one GPU, no ZeRO, by the preflight's memory model

@@ -157,6 +157,12 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List
     return reasons
 
 
+def ds_config_for(setting: Setting) -> Optional[str]:
+    if not setting.zero_stage:
+        return None
+    return OFFLOAD_CONFIG if setting.offload else DS_CONFIGS[setting.zero_stage]
+
+
 def flags_for(chosen: Plan, seq: int) -> List[str]:
     s = chosen.setting
     flags = ["--per_device_train_batch_size", str(s.micro_batch), "--gradient_accumulation_steps",
@@ -166,7 +172,7 @@ def flags_for(chosen: Plan, seq: int) -> List[str]:
     if s.zero_stage < 3:
         flags.append("--use_liger_kernel")
     if s.zero_stage:
-        flags += ["--deepspeed", OFFLOAD_CONFIG if s.offload else DS_CONFIGS[s.zero_stage]]
+        flags += ["--deepspeed", ds_config_for(s)]
     return flags
 
 
@@ -177,7 +183,8 @@ LAUNCHER = re.compile(r"python -m determined\.launch\.\w+\s+")
 
 
 def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
-    """Rewrite the entrypoint's planned flags, the launcher and slots_per_trial; comments stay."""
+    """Rewrite the entrypoint's planned flags, the launcher, slots_per_trial and, where the experiment has it (the
+    reference's and DSAT's), hyperparameters.deepspeed_config; comments stay."""
     from swallow_ft.experiment import Experiment
 
     exp = Experiment.load(path)
@@ -203,6 +210,10 @@ def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
     text = path.read_text()
     text = re.sub(r"entrypoint: >-\n(?:  .*\n)+", lambda _: block, text, count=1)
     text = re.sub(r"(slots_per_trial: )\d+", rf"\g<1>{gpus}", text, count=1)
+    # DSAT tunes the file this hyperparameter names, and the Web UI shows it as the run's DeepSpeed config.
+    config = ds_config_for(chosen.setting)
+    text = re.sub(r"^( +deepspeed_config: ).*\n", lambda m: f"{m[1]}{config}\n" if config else "", text, count=1,
+                  flags=re.MULTILINE)
     path.write_text(text)
 
 

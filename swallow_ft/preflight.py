@@ -9,6 +9,7 @@ model and memory checks again at start-up, before any weights load.
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,7 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         else:
             ds_config = check_deepspeed_config(ds_path, training_args, exp.slots_per_trial, found, str(path))
         deepspeed_readable = bool(ds_config)
+    check_deepspeed_hyperparameter(hparams, flags, found, str(path))
     check_kernels(model_args, training_args, ds_config, found, str(path), on_this_machine=False)
     check_data(data_args, found)
     if not deepspeed_readable:
@@ -284,6 +286,17 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
     check_model_and_memory(model_args, data_args, training_args, exp.slots_per_trial, ds_config, gpu_mem, found,
                            where=str(path))
     return found
+
+
+def check_deepspeed_hyperparameter(hparams: dict, flags: list, found: Findings, where: str) -> None:
+    """The reference (and DSAT) name the DeepSpeed config twice: in hyperparameters and in --deepspeed."""
+    named = hparams.get("deepspeed_config")
+    used = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
+    if not isinstance(named, str) or used and os.path.normpath(named) == os.path.normpath(used):
+        return
+    found.problems.append(f"{where}: hyperparameters.deepspeed_config is {named} but the entrypoint trains with "
+                          f"{f'--deepspeed {used}' if used else 'no --deepspeed'}: make them name the same file "
+                          "(DSAT tunes the hyperparameter's file, and the Web UI shows it as the run's config)")
 
 
 def main(argv=None) -> int:

@@ -93,3 +93,29 @@ def test_write_into_replaces_the_planned_flags_and_keeps_the_rest(tmp_path):
     assert "--model_name_or_path" in args and "# Changes from the reference" in path.read_text()
     assert after.config["searcher"] == before.config["searcher"]
     assert check_experiment(path).problems == []
+
+
+@pytest.mark.parametrize("gpus, gpu_mem, config", [(2, 48, "ds_configs/ds_config_stage_3_offload.json"),
+                                                   (8, 80, "ds_configs/ds_config_stage_3.json")])
+def test_write_into_keeps_the_deepspeed_hyperparameter_in_step(tmp_path, gpus, gpu_mem, config):
+    """The reference names its DeepSpeed config twice; DSAT tunes the hyperparameter's file."""
+    path = tmp_path / "exp.yaml"
+    shutil.copy(REPO / "swallow_70b_ds3.yaml", path)
+    shutil.copytree(REPO / "ds_configs", tmp_path / "ds_configs")
+    chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=gpus, gpu_mem=gpu_mem, seq=2048, lora=True, global_batch=64)
+    write_into(path, chosen, 2048, gpus=gpus)
+    after = Experiment.load(path)
+    args = after.script_args()
+    assert args[args.index("--deepspeed") + 1] == config
+    assert after.config["hyperparameters"]["deepspeed_config"] == config
+    assert check_experiment(path, gpu_mem=gpu_mem).problems == []
+
+
+def test_write_into_drops_the_deepspeed_hyperparameter_when_the_plan_needs_no_deepspeed(tmp_path):
+    path = tmp_path / "exp.yaml"
+    shutil.copy(REPO / "swallow_70b_ds3.yaml", path)
+    chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
+    write_into(path, chosen, 2048, gpus=1)
+    after = Experiment.load(path)
+    assert "--deepspeed" not in after.script_args() and "deepspeed_config" not in after.config["hyperparameters"]
+    assert after.config["hyperparameters"]["training_arguments"] == {"learning_rate": "1e-5"}  # the rest stays

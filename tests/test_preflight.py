@@ -143,6 +143,14 @@ BROKEN = {
         dict(entrypoint=_ds3, ds=lambda c: json.dumps(
             {**c, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})),
         "offload_optimizer needs DeepSpeed's CPU Adam"),
+    "DeepSpeed config named twice, differently": (
+        dict(entrypoint=_ds3,
+             change=_set("hyperparameters.deepspeed_config", "ds_configs/ds_config_stage_3_fp16.json")),
+        "hyperparameters.deepspeed_config is ds_configs/ds_config_stage_3_fp16.json but the entrypoint trains with "
+        "--deepspeed ds_configs/ds_config_stage_3.json: make them name the same file"),
+    "DeepSpeed hyperparameter without --deepspeed": (
+        dict(change=_set("hyperparameters.deepspeed_config", "ds_configs/ds_config_stage_3.json")),
+        "but the entrypoint trains with no --deepspeed"),
     "Liger under ZeRO-3": (dict(entrypoint=lambda e: _ds3(e) + " --use_liger_kernel"),
                            "--use_liger_kernel with ZeRO-3: Liger's fused cross-entropy reads lm_head.weight"),
     "ZeRO stage 5": (dict(entrypoint=_ds3, ds=lambda c: json.dumps({**c, "zero_optimization": {"stage": 5}})),
