@@ -141,12 +141,12 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List
         reasons.append("activation checkpointing: without it the activations of this micro-batch do not fit")
     if s.offload:
         moved = chosen.gather_s + chosen.pcie_s
+        verdict = "PCIe and the gathers dominate" if moved > chosen.compute_s else "compute hides them"
         reasons.append(f"CPU offload: nothing fits the GPUs without it. The weight shards cross PCIe before every "
                        f"forward and backward ({chosen.pcie_s * 1e3:.0f} ms per micro-step, then "
                        f"{chosen.gather_s * 1e3:.0f} ms of all-gather, vs {chosen.compute_s * 1e3:.0f} ms of "
-                       f"compute: {'PCIe and the gathers dominate' if moved > chosen.compute_s else 'compute hides them'}"
-                       f"); they and the optimizer state take pinned host memory, {weights_gib / gpus:.0f} GiB per GPU for the "
-                       "weights alone")
+                       f"compute: {verdict}); they and the optimizer state take pinned host memory, "
+                       f"{weights_gib / gpus:.0f} GiB per GPU for the weights alone")
     reasons.append(f"gradient accumulation {chosen.accumulation} for a global batch of "
                    f"{s.micro_batch * gpus * chosen.accumulation} sequences")
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")

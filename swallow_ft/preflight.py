@@ -266,8 +266,8 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
                               "and --eval_steps N to the entrypoint")
     ds_config = {}
     deepspeed_readable = True
-    if "--deepspeed" in flags:
-        name = flags[flags.index("--deepspeed") + 1]
+    name = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
+    if name:
         ds_path = find_file(name, exp.path.parent)
         if ds_path is None:
             found.problems.append(f"{path}: --deepspeed {name}: file not found next to the experiment or in the "
@@ -275,7 +275,7 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         else:
             ds_config = check_deepspeed_config(ds_path, training_args, exp.slots_per_trial, found, str(path))
         deepspeed_readable = bool(ds_config)
-    check_deepspeed_hyperparameter(hparams, flags, found, str(path))
+    check_deepspeed_hyperparameter(hparams.get("deepspeed_config"), name, found, str(path))
     check_kernels(model_args, training_args, ds_config, found, str(path), on_this_machine=False)
     check_data(data_args, found)
     if not deepspeed_readable:
@@ -288,10 +288,8 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
     return found
 
 
-def check_deepspeed_hyperparameter(hparams: dict, flags: list, found: Findings, where: str) -> None:
-    """The reference (and DSAT) name the DeepSpeed config twice: in hyperparameters and in --deepspeed."""
-    named = hparams.get("deepspeed_config")
-    used = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
+def check_deepspeed_hyperparameter(named: Optional[str], used: Optional[str], found: Findings, where: str) -> None:
+    """The reference (and DSAT) name the DeepSpeed config twice: hyperparameters.deepspeed_config and --deepspeed."""
     if not isinstance(named, str) or used and os.path.normpath(named) == os.path.normpath(used):
         return
     found.problems.append(f"{where}: hyperparameters.deepspeed_config is {named} but the entrypoint trains with "
