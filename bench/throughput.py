@@ -98,9 +98,10 @@ class Counting:
 
 
 class Timer(TrainerCallback):
-    """Step time (on_step_begin -> on_step_end, synchronised on GPU) and non-pad tokens per optimizer step."""
+    """Step time (on_step_begin -> on_step_end, synchronised on GPU) and non-pad tokens per optimizer step; spans keep
+    each step's (start, end) so the gaps between steps (data loading, logging) can be measured too."""
     def __init__(self):
-        self.times, self.tokens, self._t0, self._seen = [], [], 0.0, 0
+        self.times, self.tokens, self.spans, self._t0, self._seen = [], [], [], 0.0, 0
 
     def on_step_begin(self, args, state, control, **kw):
         sync()
@@ -108,7 +109,8 @@ class Timer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         sync()
-        self.times.append(time.perf_counter() - self._t0)
+        self.spans.append((self._t0, time.perf_counter()))
+        self.times.append(self.spans[-1][1] - self._t0)
         self.tokens.append(state.num_input_tokens_seen - self._seen)
         self._seen = state.num_input_tokens_seen
 
@@ -184,7 +186,9 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
            "compiled": compiled_regions(trainer.model_wrapped),
            "activation_checkpointing": bool(r["checkpointing"]), "world_size": training_args.world_size,
            "flops_per_token": flops_per_token(model),  # the callback's count, so the bench's MFU is the Web UI's
-           "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times),
+           "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times), "steps_s": sum(times),
+           # from the first measured step's start to the last one's end, gaps included
+           "wall_s": timer.spans[measured][-1][1] - timer.spans[measured][0][0],
            "step_time": statistics.median(times),
            "warmup_s": sum(timer.times[:r["warmup"]]),  # includes the compile of compiled recipes
            "fill_efficiency": collator.real / max(collator.slots, 1), "packing_efficiency": efficiency,

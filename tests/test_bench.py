@@ -35,6 +35,7 @@ def test_default_and_padded_on_cpu(tiny_model, tmp_path):
         assert row["profile"]["gpu_busy"] is None and f"profile skewed {row['recipe']}:" in result.stdout
         assert row["peak_gpu_mem_gib"] is None and row["mfu"] > 0 and row["vs_seed"] is None
         assert row["deepspeed"] is None and row["seq"] == 256 and row["micro_batch"] == 4
+        assert 0 < row["steps_s"] <= row["wall_s"]  # the span holds the measured steps and the gaps between them
     # Skewed lengths: packed rows are nearly full, padded batches are mostly padding. Not a timing assertion.
     assert rows["default"]["packing"] and not rows["padded"]["packing"]
     assert rows["default"]["packing_efficiency"] > rows["padded"]["fill_efficiency"]
