@@ -16,7 +16,7 @@ from swallow_ft import runtime
 from swallow_ft.arguments import dict2args, parse_input_arguments  # noqa: F401  (the seed's public helpers)
 from swallow_ft.data import build_collator, build_datasets
 from swallow_ft.errors import UserError
-from swallow_ft.flops import FlopCountingTrainer
+from swallow_ft.trainer import SwallowTrainer
 from swallow_ft.model import load_model, load_tokenizer
 
 
@@ -28,7 +28,7 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
     if data.packing_efficiency is not None:
         det_callback.constant_metrics["packing_efficiency"] = data.packing_efficiency
     model = load_model(model_args, training_args, packing=data_args.packing)
-    trainer = FlopCountingTrainer(
+    trainer = SwallowTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,

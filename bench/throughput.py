@@ -32,9 +32,10 @@ from swallow_ft.data import build_collator  # noqa: E402  (the project's collato
 from swallow_ft.data.encoding import IGNORE  # noqa: E402
 from swallow_ft.data.packing import pack, packing_efficiency  # noqa: E402
 from swallow_ft.det_callback import DetCallback  # noqa: E402
-from swallow_ft.flops import FlopCountingTrainer, flops_per_token  # noqa: E402
+from swallow_ft.flops import flops_per_token  # noqa: E402
 from swallow_ft.local_core import LocalTrainContext  # noqa: E402
 from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
+from swallow_ft.trainer import SwallowTrainer  # noqa: E402
 
 from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, SMALL, resolve  # noqa: E402  (bench/recipes.py: what is measured)
 
@@ -173,14 +174,15 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     with core:
         callback = DetCallback(core, training_args, strict_searcher=False)
         callback.constant_metrics.update({"packing_efficiency": efficiency} if efficiency is not None else {})
-        trainer = FlopCountingTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                                      data_collator=collator, callbacks=[callback, timer, profiler])
+        trainer = SwallowTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                                 data_collator=collator, callbacks=[callback, timer, profiler])
+        trainer.skip_lora_input_casts, trainer.fuse_lora = not r["peft_casts"], r["fused_lora"]
         trainer.train()
     measured = slice(min(r["warmup"], len(timer.times) - 1), r["warmup"] + r["steps"])
     times, tokens = timer.times[measured], timer.tokens[measured]
     row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
                                                                "lora_targets", "lora_dropout", "liger",
-                                                               "note")},
+                                                               "peft_casts", "fused_lora", "note")},
            "deepspeed": Path(r["deepspeed"]).name if r["deepspeed"] else None,
            "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
            "compiled": compiled_regions(trainer.model_wrapped),

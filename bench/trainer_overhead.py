@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from swallow_ft import memory  # noqa: E402
-from swallow_ft.flops import FlopCountingTrainer  # noqa: E402
+from swallow_ft.trainer import SwallowTrainer  # noqa: E402
 
 from recipes import SHAPES  # noqa: E402
 
@@ -44,7 +44,7 @@ def main():
     inputs = {"input_ids": ids}
     rows = [(f"{cls.__name__}.floating_point_ops (every micro-step)",
              ms(lambda t=cls(model=model, args=args): t.floating_point_ops(inputs), 200))
-            for cls in (Trainer, FlopCountingTrainer)]
+            for cls in (Trainer, SwallowTrainer)]
     clip = torch.nn.utils.clip_grad_norm_
     rows += [("clip_grad_norm_ over model.parameters() (every step)", ms(lambda: clip(model.parameters(), 1.0), 200)),
              ("  the same over the trainable parameters only", ms(lambda: clip(trainable, 1.0), 200)),

@@ -115,5 +115,5 @@ def test_trainer_overhead_script_measures_the_bookkeeping_calls():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "739 parameters, 448 trainable" in result.stdout  # the 7B module structure, all-linear LoRA r16
-    for call in ("Trainer.floating_point_ops", "FlopCountingTrainer.floating_point_ops", "model.zero_grad()"):
+    for call in ("Trainer.floating_point_ops", "SwallowTrainer.floating_point_ops", "model.zero_grad()"):
         assert f"ms  {call}" in result.stdout

@@ -115,6 +115,32 @@ def test_activation_formula_matches_what_autograd_saves(lora_r, targets, dropout
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
+
+def test_activation_formula_holds_for_fp32_adapters_under_autocast_as_swallow_trainer_runs_them():
+    """In training the adapters are fp32 (peft's autocast_adapter_dtype) over a bf16 base, under autocast. peft's
+    casts of each adapted layer's input to fp32 and back would make every lora_A keep its own bf16 copy of its input:
+    4h bytes per token per layer more than the formula (8 GiB for 7B at 4 x 2048). SwallowTrainer skips them."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+
+    shape = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
+                       vocab_size=1000)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM._from_config(llama_config(shape, attn_implementation="sdpa"), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear")).train()
+    model.enable_input_require_grads()
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    batch, seq = 2, 256
+    tokens = torch.randint(0, shape.vocab_size, (batch, seq))
+    predicted = estimate(shape, gpus=1, zero_stage=0, micro_batch=batch, seq_len=seq, lora_r=8,
+                         gradient_checkpointing=False).activations
+    saved = {}
+    for skip in (True, False):
+        with disable_input_dtype_casting(model, active=skip), torch.autocast("cpu", dtype=torch.bfloat16):
+            saved[skip] = saved_activation_bytes(model, tokens)
+    assert predicted == pytest.approx(saved[True], rel=0.03)
+    assert saved[False] - saved[True] == 4 * shape.hidden_size * 2 * batch * seq * shape.num_layers
+
 def test_gradient_checkpointing_and_zero3_shrink_the_estimate():
     shape, common = KNOWN_SHAPES["swallow-7b"], dict(gpus=8, micro_batch=4, seq_len=4096)
     plain = estimate(shape, zero_stage=2, gradient_checkpointing=False, **common)

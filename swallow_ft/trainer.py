@@ -1,0 +1,49 @@
+"""The project's Trainer: transformers' own loop, without two per-step costs that train nothing."""
+
+from typing import Any, Dict, Optional
+
+from peft.helpers import disable_input_dtype_casting
+from transformers import Trainer
+
+from swallow_ft import flops
+from swallow_ft.fused_lora import fused_lora
+
+
+class SwallowTrainer(Trainer):
+    """transformers.Trainer with two changes. Neither changes a number it trains (tests/test_trainer.py).
+
+    - FLOPs are counted by `flops.flops_per_token`, once per run. The Trainer's own count walks every parameter
+      after every micro-step, right after it has synchronised on the loss, so the GPU waits for the walk: 6.6-8.5 ms
+      of host time for a 32-layer LoRA model on the CI machine (bench/RESULTS.md). It also charges 6 FLOPs to every
+      parameter, 1.5x too many for a frozen LoRA base. Here `total_flos` (train metrics, trainer_state.json) is the
+      MFU's count times the token slots trained, padding included.
+    - Under autocast (bf16 or fp16 without DeepSpeed) peft's LoRA layers keep their input's dtype. peft keeps the
+      adapters in fp32 for the optimizer and casts each adapted layer's input to fp32 to match; autocast then casts it
+      straight back to bf16 for the matmul, and backward does the same to the gradient. That is four copies of an
+      activation per adapted layer per micro-step, bit-for-bit round trips: 223 GB of memory traffic per step
+      for Swallow-7B at 4 x 2048 (bench/traffic.py). Each adapted layer also kept its own copy of its input for
+      backward: 8 GiB at that size beyond what the memory model counts (tests/test_memory.py).
+      `skip_lora_input_casts = False` restores them (the bench's `+peftcasts`).
+
+    `fuse_lora = True` also runs plain LoRA layers as three matmuls with the scale and add inside the GEMM
+    (swallow_ft/fused_lora.py; the bench's `+fusedlora`). Off until `bench/gpu.sh` has measured it on a GPU. Not under
+    DeepSpeed, whose ZeRO-3 hooks gather the base weights.
+    """
+
+    skip_lora_input_casts = True
+    fuse_lora = False
+    _flops_per_token: Optional[float] = None
+
+    def train(self, *args, **kwargs):
+        # native_amp is accelerate's own switch for wrapping the forward in autocast (False under DeepSpeed, which
+        # casts the whole model, adapters included, to one dtype).
+        skip = self.skip_lora_input_casts and self.accelerator.native_amp
+        fuse = self.fuse_lora and not self.is_deepspeed_enabled
+        with disable_input_dtype_casting(self.model, active=skip), fused_lora(self.model, active=fuse):
+            return super().train(*args, **kwargs)
+
+    def floating_point_ops(self, inputs: Dict[str, Any]) -> float:
+        if self._flops_per_token is None:
+            self._flops_per_token = flops.flops_per_token(self.model)
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        return 0 if ids is None else self._flops_per_token * ids.numel()
