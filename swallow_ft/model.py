@@ -105,11 +105,15 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, pac
     # The KV cache is for generation; in training it costs memory and breaks packed attention.
     model.config.use_cache = False
     if model_args.use_lora:
-        model = add_lora(model, model_args)
+        # DeepSpeed trains without autocast and keeps fp32 master weights of its own. peft's fp32 adapters on a 16-bit
+        # base would make it cast every adapted layer's input to fp32, run the adapters in fp32 and keep those fp32
+        # copies for backward; ZeRO-1/2 cast them back to 16 bits, ZeRO-3's zero.Init models are left as they are.
+        base_dtype = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
+        model = add_lora(model, model_args, adapters_in_base_dtype=base_dtype)
     return model
 
 
-def add_lora(model, model_args: ModelArguments):
+def add_lora(model, model_args: ModelArguments, adapters_in_base_dtype: bool = False):
     from peft import LoraConfig, get_peft_model
 
     targets = model_args.lora_target_modules
@@ -122,8 +126,10 @@ def add_lora(model, model_args: ModelArguments):
                             f"(its linear layers include q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     config = LoraConfig(task_type="CAUSAL_LM", r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                         lora_dropout=model_args.lora_dropout, target_modules=target_modules)
-    model = get_peft_model(model, config)
+    # By default peft keeps 16-bit models' adapters in fp32 for the optimizer (autocast_adapter_dtype).
+    model = get_peft_model(model, config, autocast_adapter_dtype=not adapters_in_base_dtype)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", model_args.lora_r, targets,
-                f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%), in %s", model_args.lora_r, targets,
+                f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), str(dtype).replace("torch.", ""))
     return model

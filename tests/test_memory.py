@@ -141,6 +141,33 @@ def test_activation_formula_holds_for_fp32_adapters_under_autocast_as_swallow_tr
     assert predicted == pytest.approx(saved[True], rel=0.03)
     assert saved[False] - saved[True] == 4 * shape.hidden_size * 2 * batch * seq * shape.num_layers
 
+
+def test_under_deepspeed_adapters_follow_the_base_dtype_and_keep_what_the_formula_counts():
+    """DeepSpeed runs without autocast, and ZeRO-3 leaves zero.Init models' dtypes alone. With peft's fp32 adapters
+    on a bf16 base each adapted layer would keep an fp32 copy of its input; load_model creates them in bf16 instead."""
+    from peft.tuners.lora import LoraLayer
+
+    from swallow_ft.arguments import ModelArguments
+    from swallow_ft.model import add_lora
+
+    shape = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
+                       vocab_size=1000)
+    batch, seq = 2, 256
+    tokens = torch.randint(0, shape.vocab_size, (batch, seq))
+    predicted = estimate(shape, gpus=1, zero_stage=3, micro_batch=batch, seq_len=seq, lora_r=8,
+                         gradient_checkpointing=False).activations
+    saved, casts = {}, {}
+    for base_dtype in (True, False):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM._from_config(llama_config(shape, attn_implementation="sdpa"), dtype=torch.bfloat16)
+        model = add_lora(base, ModelArguments("tiny", lora_r=8), adapters_in_base_dtype=base_dtype).train()
+        model.enable_input_require_grads()
+        lora_a = next(m for m in model.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight
+        assert lora_a.dtype == (torch.bfloat16 if base_dtype else torch.float32)
+        saved[base_dtype] = saved_activation_bytes(model, tokens)
+    assert predicted == pytest.approx(saved[True], rel=0.03)
+    assert saved[False] > 1.3 * saved[True]
+
 def test_gradient_checkpointing_and_zero3_shrink_the_estimate():
     shape, common = KNOWN_SHAPES["swallow-7b"], dict(gpus=8, micro_batch=4, seq_len=4096)
     plain = estimate(shape, zero_stage=2, gradient_checkpointing=False, **common)
