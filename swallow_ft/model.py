@@ -108,8 +108,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, pac
         # DeepSpeed trains without autocast and keeps fp32 master weights of its own. peft's fp32 adapters on a 16-bit
         # base would make it cast every adapted layer's input to fp32, run the adapters in fp32 and keep those fp32
         # copies for backward; ZeRO-1/2 cast them back to 16 bits, ZeRO-3's zero.Init models are left as they are.
-        base_dtype = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
-        model = add_lora(model, model_args, adapters_in_base_dtype=base_dtype)
+        deepspeed_16bit = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
+        model = add_lora(model, model_args, adapters_in_base_dtype=deepspeed_16bit)
     return model
 
 
