@@ -74,13 +74,16 @@ class DataTrainingArguments:
     prompt_format: str = field(
         default="auto",
         metadata={"help": "How rows are rendered: auto (from the model), swallow-instruct-v0.1 (Llama-2 chat), "
-                          "swallow-instruct-v0 (Alpaca-JA), llama3, chat_template (the tokenizer's) or none (raw text).",
-                  "choices": ["auto", "swallow-instruct-v0.1", "swallow-instruct-v0", "llama3", "chat_template", "none"]})
+                          "swallow-instruct-v0 (Alpaca-JA), llama3, chat_template (the tokenizer's) or none "
+                          "(raw text).",
+                  "choices": ["auto", "swallow-instruct-v0.1", "swallow-instruct-v0", "llama3", "chat_template",
+                              "none"]})
     system_prompt: Optional[str] = field(
         default=None, metadata={"help": "System prompt for rows without one (swallow-instruct-v0.1 default: "
                                         "あなたは誠実で優秀な日本人のアシスタントです。; '' for none)."})
     block_size: Optional[int] = field(
-        default=None, metadata={"help": "Longest tokenised example / packed row (default: min(model max length, 2048))."})
+        default=None,
+        metadata={"help": "Longest tokenised example / packed row (default: min(model max length, 2048))."})
     packing: bool = field(
         default=False, metadata={"help": "Pack examples into block_size rows (position_ids restart per example, "
                                          "no cross-example attention)."})

@@ -97,8 +97,9 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
     fitting = []
     for setting in candidates:
         est = memory.estimate(shape, gpus=gpus, zero_stage=setting.zero_stage, micro_batch=setting.micro_batch,
-                              seq_len=seq, lora_r=lora_r if lora else None, gradient_checkpointing=setting.checkpointing,
-                              offload_optimizer=setting.offload, offload_params=setting.offload)
+                              seq_len=seq, lora_r=lora_r if lora else None,
+                              gradient_checkpointing=setting.checkpointing, offload_optimizer=setting.offload,
+                              offload_params=setting.offload)
         if memory.fits(est, gpu_mem):
             fitting.append((setting, est))
     # Offload only if needed: the time model cannot see its real costs (pinned host memory, the CPU's own work, PCIe

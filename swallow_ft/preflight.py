@@ -81,7 +81,8 @@ def check_deepspeed_config(path: Path, training_args, slots: int, found: Finding
         enabled = (config.get(precision) or {}).get("enabled", False)
         if getattr(training_args, precision) and enabled is False:
             fix = "use ds_configs/ds_config_stage_*_fp16.json" if precision == "fp16" else "set it to \"auto\""
-            found.problems.append(f"{path}: {precision}.enabled is off or missing but {where} passes --{precision}: {fix}")
+            found.problems.append(
+                f"{path}: {precision}.enabled is off or missing but {where} passes --{precision}: {fix}")
         if enabled is True and getattr(training_args, other):
             found.problems.append(f"{path}: {precision}.enabled is true but {where} passes --{other}: "
                                   f"set {precision}.enabled to \"auto\"")
@@ -120,7 +121,8 @@ def check_data(data_args, found: Findings) -> None:
         for split, ds in raw.items():
             detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
             if len(ds) == 0:
-                found.problems.append(f"{source_name(data_args, split)}: no rows; point --train_file at a non-empty file")
+                found.problems.append(
+                    f"{source_name(data_args, split)}: no rows; point --train_file at a non-empty file")
     except UserError as exc:
         found.problems.append(str(exc))
 
