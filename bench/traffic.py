@@ -49,14 +49,16 @@ def stored_bytes(t: torch.Tensor) -> int:
     return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
 
 
-def attention_flops(name, args, kwargs):
+def attention_flops(func, args, kwargs):
     """Matmul FLOPs of the CPU flash-attention ops (torch's FLOP counter knows only the GPU ones): QK^T and PV
     forward, four matmuls backward; a causal kernel skips the masked half."""
-    q, k = args[0], args[1] if "backward" not in name else args[2]
-    batch_heads, seq_q, head_dim = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
-    is_causal = args[4] if "backward" not in name and len(args) > 4 else kwargs.get("is_causal", True)
-    full = 2 * batch_heads * seq_q * k.shape[2] * head_dim * CPU_FLASH[name]
-    return full / 2 if is_causal else full
+    schema = func._schema.arguments
+    bound = {**{a.name: a.default_value for a in schema if a.has_default_value()},
+             **dict(zip((a.name for a in schema), args)), **kwargs}
+    query, key = bound["query"], bound["key"]
+    batch, heads, seq_q, head_dim = query.shape
+    full = 2 * batch * heads * seq_q * key.shape[2] * head_dim * CPU_FLASH[func.overloadpacket.__name__]
+    return full / 2 if bound["is_causal"] else full
 
 
 def kind_of(name, args, out):
@@ -91,7 +93,7 @@ class Traffic(TorchDispatchMode):
         nbytes = sum(stored_bytes(t) for t in tensors)
         counter = flop_registry.get(getattr(torch.ops.aten, name, None))
         if name in CPU_FLASH:
-            flops = attention_flops(name, args, kwargs)
+            flops = attention_flops(func, args, kwargs)
         else:
             flops = counter(*args, **kwargs, out_val=out) if counter else 0
         row = self.rows[kind_of(name, args, outputs[0])]

@@ -25,17 +25,22 @@ def bench(tmp_path, *args, timeout):
 
 
 def test_default_and_padded_on_cpu(tiny_model, tmp_path):
-    rows, result = bench(tmp_path, "--recipes", "default,padded", "--profile-steps", "1", timeout=240)
-    assert set(rows) == {"default", "padded"}
+    rows, result = bench(tmp_path, "--recipes", "default,padded,default+peftcasts,default+fusedlora",
+                         "--profile-steps", "1", timeout=300)
+    assert set(rows) == {"default", "padded", "default+peftcasts", "default+fusedlora"}
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["step_time"] > 0 and row["steps_measured"] == 4
         # One more step, after the measured ones, under torch.profiler: ops counted, the table written.
         assert row["profile"]["steps"] == 1 and row["profile"]["aten_ops_per_step"] > 100
-        assert "aten::mm" in (tmp_path / f"profile-{row['recipe']}-skewed.txt").read_text()
+        assert "aten::mm" in (tmp_path / f"profile-{row['recipe'].replace('+', '_')}-skewed.txt").read_text()
         assert row["profile"]["gpu_busy"] is None and f"profile skewed {row['recipe']}:" in result.stdout
         assert row["peak_gpu_mem_gib"] is None and row["mfu"] > 0 and row["vs_seed"] is None
         assert row["deepspeed"] is None and row["seq"] == 256 and row["micro_batch"] == 4
         assert 0 < row["steps_s"] <= row["wall_s"]  # the span holds the measured steps and the gaps between them
+    # The bench trains in bf16 under autocast on CPU too: peft's casts add ops per step, fused LoRA layers remove some.
+    ops = {name: row["profile"]["aten_ops_per_step"] for name, row in rows.items()}
+    assert ops["default+peftcasts"] > ops["default"] > ops["default+fusedlora"]
+    assert rows["default+peftcasts"]["peft_casts"] and rows["default+fusedlora"]["fused_lora"]
     # Skewed lengths: packed rows are nearly full, padded batches are mostly padding. Not a timing assertion.
     assert rows["default"]["packing"] and not rows["padded"]["packing"]
     assert rows["default"]["packing_efficiency"] > rows["padded"]["fill_efficiency"]
