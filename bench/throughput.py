@@ -103,6 +103,7 @@ class Timer(TrainerCallback):
     each step's (start, end) so the gaps between steps (data loading, logging) can be measured too."""
     def __init__(self):
         self.times, self.tokens, self.spans, self._t0, self._seen = [], [], [], 0.0, 0
+        self.trainer = None  # SwallowTrainer keeps its token count on the GPU until asked
 
     def on_step_begin(self, args, state, control, **kw):
         sync()
@@ -112,8 +113,9 @@ class Timer(TrainerCallback):
         sync()
         self.spans.append((self._t0, time.perf_counter()))
         self.times.append(self.spans[-1][1] - self._t0)
-        self.tokens.append(state.num_input_tokens_seen - self._seen)
-        self._seen = state.num_input_tokens_seen
+        seen = self.trainer.tokens_seen()
+        self.tokens.append(seen - self._seen)
+        self._seen = seen
 
 
 class StepProfiler(TrainerCallback):
@@ -177,7 +179,9 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
         trainer = SwallowTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                                  data_collator=collator, callbacks=[callback, timer, profiler])
         trainer.skip_lora_input_casts, trainer.fuse_lora = not r["peft_casts"], r["fused_lora"]
+        timer.trainer = trainer
         trainer.train()
+    callback.clock.read()  # the steps after the last log
     measured = slice(min(r["warmup"], len(timer.times) - 1), r["warmup"] + r["steps"])
     times, tokens = timer.times[measured], timer.tokens[measured]
     row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
@@ -194,6 +198,9 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
            "step_time": statistics.median(times),
            "warmup_s": sum(timer.times[:r["warmup"]]),  # includes the compile of compiled recipes
            "fill_efficiency": collator.real / max(collator.slots, 1), "packing_efficiency": efficiency,
+           # the callback's step clock (CUDA events, no sync; what the Web UI's tokens/s divides by) over this
+           # timer's synchronised one, all steps
+           "callback_clock_vs_timer": callback.clock.total / sum(timer.times),
            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / memory.GiB if CUDA else None}
     if profiler.summary:
         profiler.summary["step_time"] = statistics.median(timer.times[r["warmup"] + r["steps"]:])

@@ -176,6 +176,10 @@ def parse_input_arguments(
         training_args.gradient_checkpointing_kwargs = training_args.activation_checkpointing_kwargs
     if "--include_num_input_tokens_seen" not in args:
         training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
+    if "--logging_nan_inf_filter" not in args:
+        # The filter reads every micro-step's loss on the host, which makes the host wait for the GPU's backward before
+        # it may queue the optimizer step; without it a diverged run logs nan instead of hiding it.
+        training_args.logging_nan_inf_filter = False
     if training_args.torch_compile:
         # accelerate's regional compilation: one decoder layer is compiled and its code reused by all 32-80, where a
         # whole-model compile traces every layer into one graph and its compile time grows with depth. Read by the

@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import determined as det
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -57,6 +58,52 @@ def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> 
             return (f"searcher.max_time is {max_time} {time_metric} but {flag} gives {unit}={length}; "
                     f"set max_time: {length} and time_metric: {unit}, or change {flag}")
     return None
+
+
+class StepClock:
+    """Seconds spent in optimizer steps, measured without making the host wait for the device.
+
+    The host runs ahead of a GPU (SwallowTrainer reads nothing back inside a step), so its own clock says when steps
+    were queued, not how long they took. On CUDA each step is bracketed by events on the stream and the events are
+    read when the time is asked for, at a logging step, where the Trainer synchronises anyway. On a CPU host time is
+    device time.
+    """
+
+    def __init__(self) -> None:
+        self.cuda = False
+        self.total = 0.0
+        self._started: Any = None
+        self._unread: List[tuple] = []  # (start, end) events not yet read
+        self._since_read = 0.0
+
+    def start(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._started is None:
+            return
+        if self.cuda:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self._unread.append((self._started, ended))
+        else:
+            self._since_read += time.perf_counter() - self._started
+        self._started = None
+
+    def read(self) -> float:
+        """Step seconds since the last read."""
+        if self._unread:
+            self._unread[-1][1].synchronize()
+            self._since_read += sum(start.elapsed_time(end) for start, end in self._unread) / 1e3
+            self._unread.clear()
+        seconds, self._since_read = self._since_read, 0.0
+        self.total += seconds
+        return seconds
 
 
 class DetCallback(TrainerCallback):
@@ -102,9 +149,8 @@ class DetCallback(TrainerCallback):
         # Facts about the run added to every training report (e.g. packing_efficiency).
         self.constant_metrics: Dict[str, float] = {}
         self._tokens_at_last_log = self._tokens_at_start = None
-        self._step_started = 0.0
         self._flops_per_token_over_peak: Optional[float] = None
-        self._step_seconds = self._step_seconds_since_log = 0.0
+        self.clock = StepClock()
 
     # ----- start-up -------------------------------------------------------------------------------
     def _check_searcher(self, args: TrainingArguments, strict: bool) -> None:
@@ -133,12 +179,10 @@ class DetCallback(TrainerCallback):
             self._flops_per_token_over_peak = flops_per_token(model) / peak
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
+        self.clock.start(args.device)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        elapsed = time.perf_counter() - self._step_started
-        self._step_seconds += elapsed
-        self._step_seconds_since_log += elapsed
+        self.clock.stop()
         if state.is_world_process_zero:
             self._report_progress(args, state)
         # Every rank asks every step (the chief answers for all), so a preempted trial stops at the
@@ -175,14 +219,14 @@ class DetCallback(TrainerCallback):
             self._report_training(args, state, {**self.constant_metrics, **metrics})
 
     def _report_training(self, args, state: TrainerState, metrics: Dict[str, Any]) -> None:
-        tokens = state.num_input_tokens_seen
-        if self._tokens_at_last_log is not None and self._step_seconds_since_log > 0:
-            per_second = (tokens - self._tokens_at_last_log) / self._step_seconds_since_log
+        tokens, seconds = state.num_input_tokens_seen, self.clock.read()
+        if self._tokens_at_last_log is not None and seconds > 0:
+            per_second = (tokens - self._tokens_at_last_log) / seconds
             metrics["tokens_per_second"] = per_second
             metrics["tokens_per_second_per_gpu"] = per_second / max(1, args.world_size)
             if self._flops_per_token_over_peak:  # model FLOPs utilisation, an estimate: see flops_per_token
                 metrics["mfu"] = metrics["tokens_per_second_per_gpu"] * self._flops_per_token_over_peak
-        self._tokens_at_last_log, self._step_seconds_since_log = tokens, 0.0
+        self._tokens_at_last_log = tokens
         # The Trainer logs a run summary at the same step as the last in-loop log; the master
         # keeps one training row per step, so that second report is dropped (as upstream does).
         if state.global_step == self.last_train_report:
@@ -254,11 +298,12 @@ class DetCallback(TrainerCallback):
     # ----- for people ---------------------------------------------------------------------------
     def summary(self, state: TrainerState) -> Dict[str, Any]:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
+        self.clock.read()
         return {
             "steps_completed": state.global_step,
             "preempted": self.preempted,
             "first_eval_loss": self.eval_history[0][1] if self.eval_history else None,
             "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
             "checkpoint": self.last_storage_id,
-            "tokens_per_second": tokens / self._step_seconds if self._step_seconds else None,
+            "tokens_per_second": tokens / self.clock.total if self.clock.total else None,
         }

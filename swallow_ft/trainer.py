@@ -1,7 +1,8 @@
-"""The project's Trainer: transformers' own loop, without two per-step costs that train nothing."""
+"""The project's Trainer: transformers' own loop, without per-step costs that train nothing."""
 
 from typing import Any, Dict, Optional
 
+import torch
 from peft.helpers import disable_input_dtype_casting
 from transformers import Trainer
 
@@ -10,7 +11,7 @@ from swallow_ft.fused_lora import fused_lora
 
 
 class SwallowTrainer(Trainer):
-    """transformers.Trainer with two changes. Neither changes a number it trains (tests/test_trainer.py).
+    """transformers.Trainer with three changes. None changes a number it trains (tests/test_trainer.py).
 
     - FLOPs are counted by `flops.flops_per_token`, once per run. The Trainer's own count walks every parameter
       after every micro-step, right after it has synchronised on the loss, so the GPU waits for the walk: 6.6-8.5 ms
@@ -24,6 +25,10 @@ class SwallowTrainer(Trainer):
       for Swallow-7B at 4 x 2048 (bench/traffic.py). Each adapted layer also kept its own copy of its input for
       backward: 8 GiB at that size beyond what the memory model counts (tests/test_memory.py).
       `skip_lora_input_casts = False` restores them (the bench's `+peftcasts`).
+    - The tokens seen (`state.num_input_tokens_seen`, tokens/s in the Web UI) are summed on the device and read when
+      they are logged or saved. The Trainer reads each micro-step's count with `.item()` (after an all-gather when
+      there are several ranks), so the host waits for the GPU to finish that micro-step before it can queue the next
+      work: the optimizer step, the next batch, the next forward. The count is the Trainer's own, to the token.
 
     `fuse_lora = True` also runs plain LoRA layers as three matmuls with the scale and add inside the GEMM
     (swallow_ft/fused_lora.py; the bench's `+fusedlora`). Off until `bench/gpu.sh` has measured it on a GPU. Not under
@@ -33,6 +38,7 @@ class SwallowTrainer(Trainer):
     skip_lora_input_casts = True
     fuse_lora = False
     _flops_per_token: Optional[float] = None
+    _tokens_pending: Optional[torch.Tensor] = None  # this rank's tokens since the last read, on its device
 
     def train(self, *args, **kwargs):
         # native_amp is accelerate's own switch for wrapping the forward in autocast (False under DeepSpeed, which
@@ -41,6 +47,38 @@ class SwallowTrainer(Trainer):
         fuse = self.fuse_lora and not self.is_deepspeed_enabled
         with disable_input_dtype_casting(self.model, active=skip), fused_lora(self.model, active=fuse):
             return super().train(*args, **kwargs)
+
+    def _track_num_input_tokens(self, inputs: Dict[str, Any]) -> None:
+        mode, ids = self.args.include_num_input_tokens_seen, inputs.get(self.model.main_input_name)
+        if mode == "no" or ids is None:
+            return super()._track_num_input_tokens(inputs)
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        if mode != "non_padding":
+            count = torch.tensor(ids.numel(), device=ids.device)
+        elif "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif pad_id is not None:
+            count = (ids != pad_id).sum()
+        else:  # as the Trainer does, all tokens
+            count = torch.tensor(ids.numel(), device=ids.device)
+        count = count.to(torch.int64)
+        self._tokens_pending = count if self._tokens_pending is None else self._tokens_pending + count
+
+    def tokens_seen(self) -> int:
+        """`state.num_input_tokens_seen`, brought up to date: one host sync, and an all-gather with several ranks
+        (so every rank must call it at the same step, as the Trainer's log and save do)."""
+        if self._tokens_pending is not None:
+            pending, self._tokens_pending = self._tokens_pending, None
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending.reshape(1)).sum())
+        return self.state.num_input_tokens_seen
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        self.tokens_seen()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.tokens_seen()  # trainer_state.json holds the count a resumed run continues from
+        super()._save_checkpoint(model, trial)
 
     def floating_point_ops(self, inputs: Dict[str, Any]) -> float:
         if self._flops_per_token is None:

@@ -23,6 +23,9 @@ def test_hparams_training_arguments_are_appended_and_win():
     assert data_args.train_file == "data/camel_math_ja.jsonl"
     assert training_args.include_num_input_tokens_seen == "non_padding"
     assert training_args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert training_args.logging_nan_inf_filter is False  # the filter reads every micro-step's loss on the host
+    _, _, asked = parse_input_arguments({}, BASE + ["--logging_nan_inf_filter", "true"])
+    assert asked.logging_nan_inf_filter is True
 
 
 def test_evaluation_strategy_is_an_alias_of_eval_strategy():

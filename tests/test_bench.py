@@ -37,6 +37,7 @@ def test_default_and_padded_on_cpu(tiny_model, tmp_path):
         assert row["peak_gpu_mem_gib"] is None and row["mfu"] > 0 and row["vs_seed"] is None
         assert row["deepspeed"] is None and row["seq"] == 256 and row["micro_batch"] == 4
         assert 0 < row["steps_s"] <= row["wall_s"]  # the span holds the measured steps and the gaps between them
+        assert row["callback_clock_vs_timer"] == pytest.approx(1, abs=0.05)  # the Web UI's tokens/s clock
     # The bench trains in bf16 under autocast on CPU too: peft's casts add ops per step, fused LoRA layers remove some.
     ops = {name: row["profile"]["aten_ops_per_step"] for name, row in rows.items()}
     assert ops["default+peftcasts"] > ops["default"] > ops["default+fusedlora"]

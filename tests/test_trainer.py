@@ -1,4 +1,8 @@
-"""SwallowTrainer: transformers' Trainer without its per-micro-step FLOP walk and without peft's redundant casts."""
+"""SwallowTrainer: transformers' Trainer without its per-micro-step FLOP walk, peft's redundant casts and the host's
+per-micro-step reads of the token count."""
+
+import json
+import traceback
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from swallow_ft import flops
 from swallow_ft.data import build_collator
@@ -19,12 +23,14 @@ MICRO_STEPS = 3
 
 
 class CountingCollator:
-    def __init__(self, inner):
-        self.inner, self.slots = inner, 0
+    def __init__(self, inner, drop_attention_mask=False):
+        self.inner, self.slots, self.drop_attention_mask = inner, 0, drop_attention_mask
 
     def __call__(self, rows):
         batch = self.inner(rows)
         self.slots += batch["input_ids"].numel()
+        if self.drop_attention_mask:  # then the Trainer counts the tokens that are not the pad id
+            del batch["attention_mask"]
         return batch
 
 
@@ -43,18 +49,47 @@ class ActivationCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `bool()`): on a GPU each one waits for the device.
+    transformers' attention-mask builder reads whether a batch has padding at all; those are counted apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.in_mask_builder, self.counting = 0, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.counting and func is torch.ops.aten._local_scalar_dense.default:
+            if any(frame.filename.endswith("transformers/masking_utils.py") for frame in traceback.extract_stack()):
+                self.in_mask_builder += 1
+            else:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountWithinSteps(TrainerCallback):
+    def __init__(self, reads):
+        self.reads = reads
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.reads.counting = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.reads.counting = False
+
+
 def _train(trainer_class, tiny_model, tmp_path, bf16=False, skip_casts=True, mode=None, fuse=False, compile=False,
-           init_lora_weights=True):
+           init_lora_weights=True, callbacks=(), drop_attention_mask=False, **training_args):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init_lora_weights))
-    collator = CountingCollator(build_collator(tokenizer, packing=False))
-    args = TrainingArguments(output_dir=str(tmp_path / trainer_class.__name__), use_cpu=True, report_to="none",
-                             per_device_train_batch_size=2, max_steps=MICRO_STEPS, save_strategy="no",
-                             disable_tqdm=True, logging_steps=1, bf16=bf16, learning_rate=1e-2,
-                             torch_compile=compile)
-    trainer = trainer_class(model=model, args=args, data_collator=collator,
+    collator = CountingCollator(build_collator(tokenizer, packing=False), drop_attention_mask)
+    args = TrainingArguments(**{**dict(output_dir=str(tmp_path / trainer_class.__name__), use_cpu=True,
+                                       report_to="none", per_device_train_batch_size=2, max_steps=MICRO_STEPS,
+                                       save_strategy="no", disable_tqdm=True, logging_steps=1, bf16=bf16,
+                                       learning_rate=1e-2, torch_compile=compile), **training_args})
+    trainer = trainer_class(model=model, args=args, data_collator=collator, processing_class=tokenizer,
+                            callbacks=list(callbacks),
                             train_dataset=Dataset.from_dict({"input_ids": ROWS, "labels": ROWS}))
     trainer.skip_lora_input_casts, trainer.fuse_lora = skip_casts, fuse
     with mode or ActivationCasts(float("inf")):
@@ -116,3 +151,38 @@ def test_fused_lora_trains_the_adapters_peft_trains(tiny_model, tmp_path, compil
     assert fused_losses == pytest.approx(losses, rel=1e-4) and len(losses) == MICRO_STEPS
     for name, weight in adapters.items():
         torch.testing.assert_close(fused_adapters[name], weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("drop_attention_mask", [False, True])
+def test_tokens_seen_are_the_trainers_count_in_logs_and_checkpoints(tiny_model, tmp_path, drop_attention_mask):
+    """SwallowTrainer sums the token count on the device and reads it at logging and saving steps. The logs, the
+    checkpoint's trainer_state.json and the final state hold the Trainer's own numbers."""
+    runs = {}
+    for trainer_class in (Trainer, SwallowTrainer):
+        trainer, _, _ = _train(trainer_class, tiny_model, tmp_path, logging_steps=2, save_strategy="steps",
+                               save_steps=2, drop_attention_mask=drop_attention_mask,
+                               include_num_input_tokens_seen="non_padding")
+        saved = json.loads((tmp_path / trainer_class.__name__ / "checkpoint-2" / "trainer_state.json").read_text())
+        runs[trainer_class] = ([log.get("num_input_tokens_seen") for log in trainer.state.log_history],
+                               saved["num_input_tokens_seen"], trainer.state.num_input_tokens_seen)
+    logged, at_checkpoint, final = runs[SwallowTrainer]
+    assert runs[SwallowTrainer] == runs[Trainer]
+    real_tokens = sum(len(row) for row in ROWS)
+    assert 0 < at_checkpoint < final == real_tokens  # 3 steps of 2 rows: every row once, padding not counted
+    assert len(logged) == 2 and logged[0] == at_checkpoint
+
+
+def test_the_host_reads_nothing_back_inside_a_step(tiny_model, tmp_path):
+    """Between logging steps the Trainer reads each micro-step's loss (its nan/inf filter) and token count on the
+    host; on a GPU each read waits for the micro-step's backward before the optimizer step can be queued.
+    SwallowTrainer with this project's flags reads none. (transformers' mask builder still reads, at the start of
+    each forward, whether the batch is padded: that one read per row layout is theirs.)"""
+    reads = {}
+    for trainer_class, nan_filter in ((Trainer, True), (SwallowTrainer, False)):
+        counter = HostReads()
+        _train(trainer_class, tiny_model, tmp_path, mode=counter, callbacks=[CountWithinSteps(counter)],
+               logging_steps=100, logging_nan_inf_filter=nan_filter, include_num_input_tokens_seen="non_padding")
+        reads[trainer_class] = counter.count / MICRO_STEPS, counter.in_mask_builder / MICRO_STEPS
+    assert reads[Trainer][0] == 3  # isnan, isinf, the token count
+    assert reads[SwallowTrainer][0] == 0
+    assert reads[SwallowTrainer][1] == reads[Trainer][1] > 0
