@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import determined as det
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from swallow_ft.errors import UserError
 from swallow_ft.flops import flops_per_token, peak_flops
@@ -27,6 +27,10 @@ logger = logging.getLogger("swallow_ft.det_callback")
 
 def determined_version() -> tuple:
     return tuple(int(p) for p in det.__version__.split(".")[:2] if p.isdigit())
+
+
+# Searchers that, up to Determined 0.37, lengthen a trial by handing it one operation after another.
+LEGACY_MULTI_OPERATION = ("adaptive_asha", "async_halving", "adaptive", "adaptive_simple", "pbt")
 
 
 def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> Optional[str]:
@@ -41,6 +45,9 @@ def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> 
     else:
         unit, length, flag = "epochs", args.num_train_epochs, "--num_train_epochs"
     name = searcher.get("name")
+    if name in LEGACY_MULTI_OPERATION and determined_version() < (0, 38):
+        return (f"searcher {name} on Determined {det.__version__} gives each trial several searcher operations, "
+                f"and this callback follows one per trial: use Determined 0.38, or a single, random or grid searcher")
     max_length = searcher.get("max_length")
     if isinstance(max_length, dict) and max_length:
         search_unit, search_len = next(iter(max_length.items()))
@@ -106,6 +113,19 @@ class StepClock:
         return seconds
 
 
+def upload_checkpoint(core_context: det.core.Context, output_dir: str, folder: str, metadata: Dict[str, Any]) -> str:
+    """Upload `output_dir/folder` from every node into one checkpoint; a collective, called by every rank.
+
+    The ranks of a node share `output_dir` and each writes its own files into the folder (ZeRO-3's zero_pp_rank_*,
+    rng_state_*). One process per node lists and uploads them all: were every rank to list the folder, each would see
+    its neighbours' files as conflicts, and Determined settles a conflict by reading the whole file into memory to
+    hash it, on every rank (about 100 GB per save per node for a 7B full fine-tune on 8 GPUs)."""
+    node_leader = core_context.distributed.local_rank == 0
+    return core_context.checkpoint.upload(
+        output_dir if node_leader else None, metadata=metadata, shard=True,
+        selector=(lambda path: path.startswith(folder + "/")) if node_leader else None)
+
+
 class DetCallback(TrainerCallback):
     """Report metrics and progress, upload checkpoints, restore, and honour preemption.
 
@@ -145,7 +165,7 @@ class DetCallback(TrainerCallback):
         self.last_progress = 0.0
         self.preempted = False
         self.eval_history: List[tuple] = []
-        self.last_storage_id: Optional[str] = None
+        self.last_storage_id = latest_checkpoint if self.resume_from_checkpoint else None  # until a new one
         # Facts about the run added to every training report (e.g. packing_efficiency).
         self.constant_metrics: Dict[str, float] = {}
         self._tokens_at_last_log = self._tokens_at_start = None
@@ -259,22 +279,23 @@ class DetCallback(TrainerCallback):
         metadata = {"steps_completed": state.global_step}
         if self.trial_id is not None:
             metadata["trial_id"] = self.trial_id
-        # shard=True: a collective where every rank uploads the files it wrote (ZeRO-3 writes one
-        # zero_pp_rank_* file per rank, possibly on different nodes) into one checkpoint.
-        self.last_storage_id = self.core_context.checkpoint.upload(
-            args.output_dir, metadata=metadata, shard=True, selector=lambda p: p.startswith(folder + "/"))
+        self.last_storage_id = upload_checkpoint(self.core_context, args.output_dir, folder, metadata)
+        if self.core_context.distributed.local_rank == 0 and not state.is_world_process_zero:
+            # The Trainer deletes old checkpoint folders on process 0 only; every other node keeps its ranks'
+            # ZeRO shards of each one until its disk fills. They are in checkpoint storage now.
+            rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if control.should_training_stop:
-            ending = True
-        elif args.max_steps > 0:
-            ending = state.global_step >= args.max_steps
+        if args.max_steps > 0:
+            complete = state.global_step >= args.max_steps
         else:
-            ending = state.epoch >= args.num_train_epochs
-        if not ending:
+            complete = state.epoch >= args.num_train_epochs
+        if not (complete or control.should_training_stop):
             return
-        # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial.
-        if state.global_step > self.last_eval_report and not self.preempted and args.eval_strategy != "no":
+        # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial. A preemption
+        # skips the evaluation, unless it came at the last step: the restarted trial would have nothing to train.
+        if state.global_step > self.last_eval_report and (complete or not self.preempted) \
+                and args.eval_strategy != "no":
             control.should_evaluate = True
         if state.global_step > self.last_save:
             control.should_save = True

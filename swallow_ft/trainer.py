@@ -1,17 +1,24 @@
 """The project's Trainer: transformers' own loop, without per-step costs that train nothing."""
 
+import logging
+import os
 from typing import Any, Dict, Optional
 
 import torch
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput
 
 from swallow_ft import flops
 from swallow_ft.fused_lora import fused_lora
 
+logger = logging.getLogger("swallow_ft.trainer")
+
 
 class SwallowTrainer(Trainer):
-    """transformers.Trainer with three changes. None changes a number it trains (tests/test_trainer.py).
+    """transformers.Trainer with three changes that change no number it trains (tests/test_trainer.py), and one fix:
+    resumed from a checkpoint that already holds all --max_steps, it trains nothing (the Trainer trains one step more).
 
     - FLOPs are counted by `flops.flops_per_token`, once per run. The Trainer's own count walks every parameter
       after every micro-step, right after it has synchronised on the loss, so the GPU waits for the walk: 6.6-8.5 ms
@@ -40,13 +47,27 @@ class SwallowTrainer(Trainer):
     _flops_per_token: Optional[float] = None
     _tokens_pending: Optional[torch.Tensor] = None  # this rank's tokens since the last read, on its device
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: Optional[str] = None, **kwargs):
+        finished = self._finished_state(resume_from_checkpoint)
+        if finished is not None:
+            self.state = finished
+            logger.warning("%s is at step %d, which is --max_steps: nothing left to train", resume_from_checkpoint,
+                           finished.global_step)
+            return TrainOutput(finished.global_step, 0.0, {})
         # native_amp is accelerate's own switch for wrapping the forward in autocast (False under DeepSpeed, which
         # casts the whole model, adapters included, to one dtype).
         skip = self.skip_lora_input_casts and self.accelerator.native_amp
         fuse = self.fuse_lora and not self.is_deepspeed_enabled
         with disable_input_dtype_casting(self.model, active=skip), fused_lora(self.model, active=fuse):
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _finished_state(self, checkpoint: Optional[str]) -> Optional[TrainerState]:
+        """The checkpoint's state if it already holds all --max_steps. The Trainer would train one more step: it
+        resumes mid-epoch when --max_steps is not a whole number of epochs and checks the limit only after a step."""
+        if not isinstance(checkpoint, str) or self.args.max_steps <= 0:
+            return None
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        return state if state.global_step >= self.args.max_steps else None
 
     def _track_num_input_tokens(self, inputs: Dict[str, Any]) -> None:
         mode, ids = self.args.include_num_input_tokens_seen, inputs.get(self.model.main_input_name)

@@ -14,6 +14,7 @@ import determined as det
 import pytest
 from conftest import REPO, checkpoint_steps, read_metrics
 from determined import core
+from transformers import TrainerControl, TrainerState
 
 import run_clm
 from swallow_ft import det_callback, runtime
@@ -117,6 +118,29 @@ def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_p
     assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
     assert "progress report: 10/1" in caplog.text
     assert "SearcherOperation Complete: searcher_metric=" in caplog.text
+
+
+def test_legacy_determined_refuses_searchers_of_several_operations(cluster, tiny_model, tmp_path, monkeypatch):
+    """ASHA on Determined <= 0.37 hands a trial its rungs as successive operations; one trial follows one."""
+    monkeypatch.setattr(det_callback, "determined_version", lambda: (0, 37))
+    cluster({}, {"name": "adaptive_asha", "metric": "eval_loss", "max_length": {"batches": 10}, "max_trials": 4})
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path))
+    with runtime.core_context(job) as context:
+        with pytest.raises(UserError, match="searcher adaptive_asha on Determined .* use Determined 0.38, or a single"):
+            det_callback.DetCallback(context, job.training_args)
+
+
+def test_a_preemption_at_the_last_step_still_evaluates(cluster, tiny_model, tmp_path):
+    """The restarted trial would have nothing left to train, so the searcher's metric must come now."""
+    cluster({}, SINGLE)
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path))
+    with runtime.core_context(job) as context:
+        callback = det_callback.DetCallback(context, job.training_args)
+        callback.preempted = True
+        for step, evaluates in ((5, False), (10, True)):
+            control = TrainerControl(should_training_stop=True)
+            callback.on_epoch_end(job.training_args, TrainerState(global_step=step, epoch=0.5), control)
+            assert control.should_evaluate is evaluates and control.should_save
 
 
 def test_cluster_refuses_non_trial_tasks(cluster):

@@ -15,7 +15,7 @@ CONFIG = "experiments/local_tiny.yaml"
 
 
 def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
-    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 60, "--logging_steps", 10,
+    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 50, "--logging_steps", 10,
                      "--eval_steps", 20, "--save_steps", 20)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "local_tiny"
@@ -23,8 +23,8 @@ def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
     rows = read_metrics(run_dir / "metrics.jsonl")
     training = [r for r in rows if r["group"] == "training"]
     validation = [r for r in rows if r["group"] == "validation"]
-    assert [r["steps_completed"] for r in training] == [10, 20, 30, 40, 50, 60]
-    assert [r["steps_completed"] for r in validation] == [20, 40, 60]
+    assert [r["steps_completed"] for r in training] == [10, 20, 30, 40, 50]
+    assert [r["steps_completed"] for r in validation] == [20, 40, 50]  # the last one forced, for the searcher
     assert training[-1]["loss"] < 0.85 * training[0]["loss"]
     assert validation[-1]["eval_loss"] < validation[0]["eval_loss"]
     # Speed metrics survive (upstream's callback strips them) and ours are non-padding tokens/s.
@@ -34,16 +34,25 @@ def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
 
     # Checkpoints at 20 and 40 were collected by the default retention (latest 1, best 1).
     steps = checkpoint_steps(run_dir / "checkpoints")
-    assert list(steps.values()) == [60] and registered_steps(run_dir) == steps
+    assert list(steps.values()) == [50] and registered_steps(run_dir) == steps
     final = next(iter(steps))
-    ckpt = run_dir / "checkpoints" / final / "checkpoint-60"
+    ckpt = run_dir / "checkpoints" / final / "checkpoint-50"
     assert (ckpt / "adapter_model.safetensors").stat().st_size > 0
     assert (ckpt / "trainer_state.json").exists() and (ckpt / "user_data.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-    assert "Finished at step 60" in result.stdout
+    assert "Finished at step 50" in result.stdout
     assert f"checkpoints/{final}" in result.stdout
     assert re.search(r"throughput\s+[\d,]+ tokens/s", result.stdout)
+
+    # Run again (a master restarting the finished trial does the same): 50 steps are not a whole number of epochs,
+    # so the Trainer would resume mid-epoch and train a step 51. Nothing is trained, nothing is added.
+    again = run_clm("--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 50, "--logging_steps", 10,
+                    "--eval_steps", 20, "--save_steps", 20)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint-50 is at step 50, which is --max_steps: nothing left to train" in again.stderr
+    assert "Finished at step 50" in again.stdout and f"checkpoints/{final}" in again.stdout
+    assert read_metrics(run_dir / "metrics.jsonl") == rows and checkpoint_steps(run_dir / "checkpoints") == steps
 
 
 def _start(args, log):
