@@ -1,0 +1,39 @@
+"""startup-hook.sh in a trial container: the image is checked before anything is installed, and the pins hold."""
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import check_image  # noqa: E402
+
+
+@pytest.mark.parametrize("python, torch, expected", [
+    ((3, 11, 4), "2.6.0+cu124", []),
+    ((3, 12, 3), "2.11.0+cu130", []),
+    ((3, 10, 12), "2.6.0", ["this image has Python 3.10.12; transformers 5.24 needs Python >= 3.11"]),
+    ((3, 11, 0), "2.5.1+cu121", ["this image has torch 2.5.1+cu121; transformers 5.24 needs torch >= 2.6"]),
+    ((3, 11, 0), None, ["this image has no torch"]),
+])
+def test_image_problems_name_what_to_change(python, torch, expected):
+    assert check_image.problems(python, torch) == expected
+
+
+def test_the_check_runs_as_the_hook_runs_it_and_passes_here():
+    result = subprocess.run([sys.executable, "scripts/check_image.py"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    hook = (REPO / "startup-hook.sh").read_text().splitlines()
+    commands = [line for line in hook if line and not line.startswith("#")]
+    assert commands[1].startswith("python3 scripts/check_image.py")  # after `set -euo pipefail`, before pip
+    assert commands[2] == "python3 -m pip install --no-cache-dir --quiet -r requirements.txt"
+
+
+def test_requirements_pin_what_this_machine_runs():
+    """The trial's pins are the ones the tests ran with (deepspeed's 0.19.8 carries the ZeRO-3 checkpointing fix)."""
+    pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["deepspeed"] == "0.19.8"
+    assert all(metadata.version(name) == version for name, version in pins.items())
