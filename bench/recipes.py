@@ -23,12 +23,12 @@ RECIPES = {
     # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing.
     "seed": dict(precision="fp16", deepspeed="ds_configs/ds_config_stage_3_fp16.json", micro_batch=1, seq=1024,
                  lora_r=8, lora_targets="q_proj,v_proj", lora_dropout=0.05, packing=False, checkpointing=False,
-                 attn="sdpa", liger=False, compile=False, peft_casts=False, fused_lora=False, env={}),
+                 attn="sdpa", liger=False, compile=False, peft_casts=False, fused_lora=False, host_reads=False, env={}),
     # This project's defaults: bf16, packing, LoRA r16 on all linears without dropout, --attn_implementation auto;
     # ZeRO stage, micro-batch, activation checkpointing and Liger are the planner's choice for one GPU of this size.
     "default": dict(precision="bf16", deepspeed="auto", micro_batch="auto", seq=2048, cpu_seq=256, lora_r=16,
                     lora_targets="all-linear", lora_dropout=0.0, packing=True, checkpointing="auto", attn="auto",
-                    liger="auto", compile=False, peft_casts=False, fused_lora=False, env={}),
+                    liger="auto", compile=False, peft_casts=False, fused_lora=False, host_reads=False, env={}),
 }
 RECIPES["padded"] = {**RECIPES["default"], "packing": False}
 MODIFIERS = {
@@ -52,6 +52,8 @@ MODIFIERS = {
     "peftcasts": dict(peft_casts=True),
     # each plain LoRA layer as three matmuls, its scale and add inside the GEMM (swallow_ft/fused_lora.py)
     "fusedlora": dict(fused_lora=True),
+    # the Trainer's reads of each micro-step's loss (nan/inf filter) and token count, which the host waits for
+    "hostreads": dict(host_reads=True),
 }
 SIZED_MODIFIER = re.compile(r"(mb|seq|r)(\d+)$")  # mb4: micro-batch 4, seq4096: tokens per row, r8: LoRA rank
 CPU_DS_CONFIG = {"ds_configs/ds_config_stage_3_fp16.json": "ds_configs/ds_config_stage_3.json"}

@@ -67,7 +67,7 @@ def flags_for(r, model_dir, work):
     gloo = bool(not CUDA and r["deepspeed"] and "--ddp_backend" not in flags)  # DeepSpeed's process group on CPU
     return (flags + ["--ddp_backend", "gloo"] * gloo + ["--packing"] * r["packing"]
             + ["--activation_checkpointing"] * bool(r["checkpointing"]) + ["--use_liger_kernel"] * r["liger"]
-            + ["--torch_compile"] * r["compile"]
+            + ["--torch_compile"] * r["compile"] + ["--logging_nan_inf_filter", "true"] * r["host_reads"]
             + (["--deepspeed", str(REPO / r["deepspeed"])] if r["deepspeed"] else []))
 
 
@@ -179,6 +179,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
         trainer = SwallowTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                                  data_collator=collator, callbacks=[callback, timer, profiler])
         trainer.skip_lora_input_casts, trainer.fuse_lora = not r["peft_casts"], r["fused_lora"]
+        trainer.defer_token_count = not r["host_reads"]
         timer.trainer = trainer
         trainer.train()
     callback.clock.read()  # the steps after the last log
@@ -186,7 +187,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     times, tokens = timer.times[measured], timer.tokens[measured]
     row = {"recipe": name, "data": data, **{k: r[k] for k in ("precision", "micro_batch", "seq", "packing", "lora_r",
                                                                "lora_targets", "lora_dropout", "liger",
-                                                               "peft_casts", "fused_lora", "note")},
+                                                               "peft_casts", "fused_lora", "host_reads", "note")},
            "deepspeed": Path(r["deepspeed"]).name if r["deepspeed"] else None,
            "attn": model.config._attn_implementation,  # what --attn_implementation auto resolved to
            "compiled": compiled_regions(trainer.model_wrapped),

@@ -44,6 +44,7 @@ class SwallowTrainer(Trainer):
 
     skip_lora_input_casts = True
     fuse_lora = False
+    defer_token_count = True  # False: the Trainer's own count, read every micro-step (the bench's `+hostreads`)
     _flops_per_token: Optional[float] = None
     _tokens_pending: Optional[torch.Tensor] = None  # this rank's tokens since the last read, on its device
 
@@ -71,7 +72,7 @@ class SwallowTrainer(Trainer):
 
     def _track_num_input_tokens(self, inputs: Dict[str, Any]) -> None:
         mode, ids = self.args.include_num_input_tokens_seen, inputs.get(self.model.main_input_name)
-        if mode == "no" or ids is None:
+        if not self.defer_token_count or mode == "no" or ids is None:
             return super()._track_num_input_tokens(inputs)
         pad_id = getattr(self.processing_class, "pad_token_id", None)
         if mode != "non_padding":

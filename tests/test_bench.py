@@ -25,9 +25,9 @@ def bench(tmp_path, *args, timeout):
 
 
 def test_default_and_padded_on_cpu(tiny_model, tmp_path):
-    rows, result = bench(tmp_path, "--recipes", "default,padded,default+peftcasts,default+fusedlora",
+    rows, result = bench(tmp_path, "--recipes", "default,padded,default+peftcasts,default+fusedlora,default+hostreads",
                          "--profile-steps", "1", timeout=300)
-    assert set(rows) == {"default", "padded", "default+peftcasts", "default+fusedlora"}
+    assert set(rows) == {"default", "padded", "default+peftcasts", "default+fusedlora", "default+hostreads"}
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["step_time"] > 0 and row["steps_measured"] == 4
         # One more step, after the measured ones, under torch.profiler: ops counted, the table written.
@@ -42,6 +42,10 @@ def test_default_and_padded_on_cpu(tiny_model, tmp_path):
     ops = {name: row["profile"]["aten_ops_per_step"] for name, row in rows.items()}
     assert ops["default+peftcasts"] > ops["default"] > ops["default+fusedlora"]
     assert rows["default+peftcasts"]["peft_casts"] and rows["default+fusedlora"]["fused_lora"]
+    # The Trainer's own token count, read every micro-step, counts the same tokens as SwallowTrainer's.
+    assert rows["default+hostreads"]["host_reads"] and not rows["default"]["host_reads"]
+    assert rows["default+hostreads"]["tokens_per_second"] * rows["default+hostreads"]["steps_s"] == pytest.approx(
+        rows["default"]["tokens_per_second"] * rows["default"]["steps_s"])
     # Skewed lengths: packed rows are nearly full, padded batches are mostly padding. Not a timing assertion.
     assert rows["default"]["packing"] and not rows["padded"]["packing"]
     assert rows["default"]["packing_efficiency"] > rows["padded"]["fill_efficiency"]
