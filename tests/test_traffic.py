@@ -15,10 +15,10 @@ import traffic  # noqa: E402
 from swallow_ft.flops import flops_per_token  # noqa: E402
 
 
-def _count(peft_casts, fake=True, fuse=False):
+def _count(peft_casts, fake=True, fuse=False, liger=False):
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     model = traffic.lora_model("tiny", 16, "all-linear", 0.0, fake_mode)
-    return traffic.step_traffic(model, 2, 64, peft_casts, fuse, fake_mode=fake_mode), model
+    return traffic.step_traffic(model, 2, 64, peft_casts, fuse, fake_mode=fake_mode, liger=liger), model
 
 
 def test_fake_tensors_run_the_kernels_real_ones_do():
@@ -62,6 +62,20 @@ def test_fused_lora_moves_the_scale_and_add_into_the_matmuls():
     removed = plain["elementwise and reductions"]["kernels"] - fused["elementwise and reductions"]["kernels"]
     assert removed == 2 * adapted - 3
     assert sum(r["bytes"] for r in fused.values()) < 0.95 * sum(r["bytes"] for r in plain.values())
+
+
+def test_liger_is_modelled_as_one_kernel_per_norm_swiglu_rope_and_loss():
+    eager, model = _count(peft_casts=False)
+    liger, _ = _count(peft_casts=False, liger=True)
+    assert liger == _count(peft_casts=False, fake=False, liger=True)[0]  # real tensors count the same
+    layers = model.config.num_hidden_layers
+    # Per layer two RMSNorms, SwiGLU and RoPE, each forward and backward, less the first norm's backward (its input,
+    # the frozen embedding's output, needs no gradient); the final norm both ways; the loss in one forward kernel.
+    assert liger["fused (Liger, modelled)"]["kernels"] == 8 * layers - 1 + 2 + 1
+    # The same matmuls (the fused loss's two run as matmuls), fewer bytes elsewhere: no fp32 logits, no RMSNorm in fp32.
+    assert liger["matmul"]["flops"] == eager["matmul"]["flops"]
+    assert liger["dtype cast to fp32"]["bytes"] < 0.5 * eager["dtype cast to fp32"]["bytes"]
+    assert sum(r["bytes"] for r in liger.values()) < sum(r["bytes"] for r in eager.values())
 
 
 def test_script_reports_the_7b_step_in_seconds():
