@@ -14,6 +14,9 @@ Every setting that fits (swallow_ft.memory) is timed with a simple model, and th
   overhead, so of two equally fast settings the larger micro-batch wins;
 - CPU offload is a last resort, considered only when nothing fits without it: offloaded weight shards cross PCIe
   before every forward and backward, optimizer states twice per step, and they hold pinned host memory.
+- the global batch (--global-batch) is kept exactly when a fitting setting gives it within EXACT_BATCH_SLACK of the
+  fastest (micro-batches are powers of two and the divisors of the batch per GPU); otherwise the plan says what it
+  planned instead, and why.
 The rates are assumptions (GPU_SPECS, overridable with --tflops/--interconnect-gbps), so treat the time as a
 ranking, and measure with bench/throughput.py.
 """
@@ -40,6 +43,9 @@ MICRO_STEP_OVERHEAD_S = 0.02
 # on one H100, Swallow-7B LoRA at 1 x 2048 ran at 3,624 tokens/s with ZeRO-3 and 11,824 without DeepSpeed
 # (research/gpu-baseline-h100.md), about 0.39 s per micro-step for 6.8B parameters.
 ZERO3_OVERHEAD_S_PER_BILLION = 0.057
+# An exact global batch keeps the learning-rate schedule and the runs comparable to what was asked; the time model is
+# not better than this, so a setting this much slower that keeps it beats a faster one that changes it.
+EXACT_BATCH_SLACK = 0.10
 DS_CONFIGS = {2: "ds_configs/ds_config_stage_2.json", 3: "ds_configs/ds_config_stage_3.json"}
 OFFLOAD_CONFIG = "ds_configs/ds_config_stage_3_offload.json"
 
@@ -56,6 +62,8 @@ class Setting:
 class Plan:
     setting: Setting
     accumulation: int
+    global_batch: int  # as planned: micro-batch x GPUs x accumulation
+    asked_batch: int
     estimate: memory.MemoryEstimate
     compute_s: float
     gather_s: float
@@ -86,43 +94,71 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
          ) -> Plan:
     default_tflops, default_link = GPU_SPECS.get(gpu.lower(), GPU_SPECS["h100"])
     tflops, link_gbps = tflops or default_tflops, link_gbps or default_link
-    candidates = []
+    too_long = memory.context_problem(shape, seq)
+    if too_long:
+        raise UserError(f"--seq {seq}: {too_long}: use --seq {shape.max_positions} or less")
+    per_gpu = max(1, global_batch // gpus)
+    # Powers of two, and the divisors of the batch per GPU: those give the global batch with no rounding.
+    micro_batches = sorted({1 << k for k in range(per_gpu.bit_length())}
+                           | ({m for m in range(1, per_gpu + 1) if per_gpu % m == 0} if global_batch % gpus == 0
+                              else set()))
+    fitting = []
     for zero_stage in ((0,) if gpus == 1 else (0, 2)) + (3,):
         for offload in (False, True) if zero_stage == 3 else (False,):
             for checkpointing in (False, True):
-                micro = 1
-                while micro * gpus <= max(global_batch, gpus):
-                    candidates.append(Setting(zero_stage, micro, checkpointing, offload))
-                    micro *= 2
-    fitting = []
-    for setting in candidates:
-        est = memory.estimate(shape, gpus=gpus, zero_stage=setting.zero_stage, micro_batch=setting.micro_batch,
-                              seq_len=seq, lora_r=lora_r if lora else None,
-                              gradient_checkpointing=setting.checkpointing, offload_optimizer=setting.offload,
-                              offload_params=setting.offload)
-        if memory.fits(est, gpu_mem):
-            fitting.append((setting, est))
+                for micro in micro_batches:
+                    setting = Setting(zero_stage, micro, checkpointing, offload)
+                    est = memory.estimate(shape, gpus=gpus, zero_stage=zero_stage, micro_batch=micro, seq_len=seq,
+                                          lora_r=lora_r if lora else None, gradient_checkpointing=checkpointing,
+                                          offload_optimizer=offload, offload_params=offload,
+                                          fused_loss=_liger(setting))
+                    if memory.fits(est, gpu_mem):
+                        fitting.append((setting, est))
     # Offload only if needed: the time model cannot see its real costs (pinned host memory, the CPU's own work, PCIe
     # shared by 4-8 GPUs), and a micro-batch it enlarges rarely pays them back.
-    best = None
+    plans = []
     for setting, est in [f for f in fitting if not f[0].offload] or fitting:
         accumulation = max(1, math.ceil(global_batch / (setting.micro_batch * gpus)))
         compute, gather, pcie, step = _step_time(shape, setting, gpus, seq, lora_r if lora else None, accumulation,
                                                  tflops, link_gbps)
         speed = setting.micro_batch * seq * accumulation / step
-        # The fastest wins; recomputation must earn its complexity by a percent.
-        key = (speed * (0.99 if setting.checkpointing else 1.0), -setting.zero_stage)
-        if best is None or key > best[0]:
-            best = (key, Plan(setting, accumulation, est, compute, gather, pcie, step, speed, []))
-    if best is None:
+        plans.append(Plan(setting, accumulation, setting.micro_batch * gpus * accumulation, global_batch, est,
+                          compute, gather, pcie, step, speed, []))
+    if not plans:
         raise UserError(f"nothing fits {gpus} x {gpu_mem:g} GiB for {shape.total_params / 1e9:.1f}B parameters at "
                         f"{seq} tokens, even micro-batch 1 with ZeRO-3, offload and recomputation: add GPUs")
-    chosen = best[1]
-    chosen.reasons = _reasons(shape, chosen, gpus, gpu_mem, lora)
+
+    def rank(p: Plan):  # the fastest wins; recomputation must earn its complexity by a percent
+        return p.tokens_per_second_per_gpu * (0.99 if p.setting.checkpointing else 1.0), -p.setting.zero_stage
+
+    fastest = max(plans, key=rank)
+    exact = max((p for p in plans if p.global_batch == global_batch), key=rank, default=None)
+    chosen = exact if exact is not None and rank(exact)[0] >= (1 - EXACT_BATCH_SLACK) * rank(fastest)[0] else fastest
+    chosen.reasons = _reasons(shape, chosen, gpus, gpu_mem, lora, exact)
     return chosen
 
 
-def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List[str]:
+def _liger(setting: Setting) -> bool:
+    """Liger Kernel goes on wherever it can run: its fused loss reads lm_head's whole weight, which ZeRO-3 shards."""
+    return setting.zero_stage < 3
+
+
+def _batch_reason(chosen: Plan, gpus: int, exact: Optional[Plan]) -> str:
+    s, asked = chosen.setting, chosen.asked_batch
+    how = f"micro-batch {s.micro_batch} x {gpus} GPU(s) x accumulation {chosen.accumulation}"
+    if chosen.global_batch == asked:
+        return f"gradient accumulation {chosen.accumulation} for a global batch of {asked} sequences ({how})"
+    if exact is None:  # every GPU takes the same whole number of sequences per micro-step
+        why = f"{asked} is not a multiple of the {gpus} GPUs; ask for a multiple of {gpus} to get it exactly"
+    else:
+        slower = 1 - exact.tokens_per_second_per_gpu / chosen.tokens_per_second_per_gpu
+        why = (f"the fastest setting that gives {asked} (micro-batch {exact.setting.micro_batch}, accumulation "
+               f"{exact.accumulation}) is {100 * slower:.0f}% slower by the time model; set those flags to keep "
+               f"{asked}")
+    return f"global batch {chosen.global_batch}, not the {asked} asked ({how}): {why}"
+
+
+def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: Optional[Plan]) -> List[str]:
     s = chosen.setting
     weights_gib = 2 * shape.total_params / memory.GiB
     reasons = []
@@ -148,10 +184,9 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool) -> List
                        f"{chosen.gather_s * 1e3:.0f} ms of all-gather, vs {chosen.compute_s * 1e3:.0f} ms of "
                        f"compute: {verdict}); they and the optimizer state take pinned host memory, "
                        f"{weights_gib / gpus:.0f} GiB per GPU for the weights alone")
-    reasons.append(f"gradient accumulation {chosen.accumulation} for a global batch of "
-                   f"{s.micro_batch * gpus * chosen.accumulation} sequences")
+    reasons.append(_batch_reason(chosen, gpus, exact))
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")
-    if s.zero_stage < 3:
+    if _liger(s):
         reasons.append("Liger Kernel on (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): with flex attention and "
                        "LoRA dropout 0 it measured +33% tokens/s and 11 GiB less than sdpa without them on an H100 "
                        "(bench/RESULTS.md); never under ZeRO-3, which shards the lm_head weight the fused loss reads")
@@ -170,7 +205,7 @@ def flags_for(chosen: Plan, seq: int) -> List[str]:
              str(chosen.accumulation), "--block_size", str(seq), "--packing", "--bf16"]
     if s.checkpointing:
         flags.append("--activation_checkpointing")
-    if s.zero_stage < 3:
+    if _liger(s):
         flags.append("--use_liger_kernel")
     if s.zero_stage:
         flags += ["--deepspeed", ds_config_for(s)]
@@ -236,7 +271,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        shape = memory.shape_for(args.model) or memory.KNOWN_SHAPES.get(args.model)
+        # The short names first: shape_for takes "swallow-70b" for a mistyped hub id.
+        try:
+            shape = memory.KNOWN_SHAPES.get(args.model) or memory.shape_for(args.model)
+        except UserError as exc:
+            raise UserError(f"--model {exc}") from None
         if shape is None:
             raise UserError(f"--model {args.model}: no config available offline; use a local dir or one of "
                             f"{', '.join(memory.KNOWN_SHAPES)}")

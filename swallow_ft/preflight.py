@@ -174,7 +174,11 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
                            gpu_mem: Optional[float], found: Findings, where: str, strict_memory: bool = True) -> None:
     from swallow_ft import memory
 
-    shape = memory.shape_for(model_args.model_name_or_path, model_args.cache_dir)
+    try:
+        shape = memory.shape_for(model_args.model_name_or_path, model_args.cache_dir)
+    except UserError as exc:  # a mistyped Swallow id, a directory without a readable config: fails once per rank
+        found.problems.append(f"{where}: --model_name_or_path {exc}")
+        return
     if shape is None:
         found.notes.append(f"model {model_args.model_name_or_path}: config not available offline; "
                            "memory not estimated")
@@ -185,6 +189,10 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
         if missing:
             found.problems.append(f"{where}: --lora_target_modules: {', '.join(missing)} not in {shape.model_type}; "
                                   f"use some of {', '.join(sorted(shape.linear_module_names()))} or all-linear")
+    too_long = data_args.block_size and memory.context_problem(shape, data_args.block_size)
+    if too_long:
+        found.problems.append(f"{where}: --block_size {data_args.block_size}: {too_long}: use --block_size "
+                              f"{shape.max_positions} or less, or a model whose context is longer")
     zero = ds_config.get("zero_optimization") or {}  # {} without DeepSpeed: plain DDP, "ZeRO-0"
     settings = dict(
         gpus=slots, zero_stage=zero.get("stage", 0), micro_batch=training_args.per_device_train_batch_size,
@@ -194,7 +202,9 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
         gradient_checkpointing=training_args.activation_checkpointing,
         weight_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),
-        offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"))
+        offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"),
+        # Liger's fused loss never forms the logits; under ZeRO-3 it cannot run at all (check_kernels says so).
+        fused_loss=training_args.use_liger_kernel and zero.get("stage", 0) != 3)
     try:
         estimate = memory.estimate(shape, **settings)
     except ValueError as exc:  # a setting already reported above (bad stage, unknown module)
@@ -280,6 +290,13 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
     check_deepspeed_hyperparameter(hparams.get("deepspeed_config"), name, found, str(path))
     check_kernels(model_args, training_args, ds_config, found, str(path), on_this_machine=False)
     check_data(data_args, found)
+    from swallow_ft.model import check_local_model_path
+
+    try:  # run_clm.py checks it too, but only once every rank has started
+        check_local_model_path(model_args.model_name_or_path)
+    except UserError as exc:
+        found.problems.append(f"{path}: {exc}")
+        return found
     if not deepspeed_readable:
         found.notes.append("memory not estimated: the DeepSpeed config could not be read")
         return found

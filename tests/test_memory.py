@@ -1,13 +1,21 @@
 """The memory model against the real thing: meta-device Llamas, peft, DeepSpeed's estimators, autograd."""
+import json
+
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from swallow_ft import memory
+from swallow_ft.errors import UserError
 from swallow_ft.memory import (
     KNOWN_SHAPES,
+    SWALLOW_MODELS,
     GiB,
     ModelShape,
+    context_problem,
     estimate,
     fits,
     gpu_memory_for_pool,
@@ -20,10 +28,12 @@ def llama_config(shape: ModelShape, **extra) -> LlamaConfig:
     return LlamaConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
                        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
                        intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size,
-                       tie_word_embeddings=shape.tie_word_embeddings, **extra)
+                       tie_word_embeddings=shape.tie_word_embeddings,
+                       max_position_embeddings=shape.max_positions or 2048, **extra)
 
 
-TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176, vocab_size=1200)
+TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176, vocab_size=1200,
+                  max_positions=2048)
 
 
 @pytest.mark.parametrize("name", ["swallow-7b", "swallow-70b", "llama-3-swallow-8b"])
@@ -75,8 +85,30 @@ def test_model_states_match_deepspeeds_estimators(name, gpus, offload):
         assert mine.model_states == pytest.approx(zero3_gpu, abs=8)
 
 
-def saved_activation_bytes(model, tokens):
-    """Bytes autograd keeps for backward, counted once per storage, parameters excluded."""
+class LivePeak(TorchDispatchMode):
+    """The peak bytes of the storages ops create while it is on, sampled after every op. A view or in-place result
+    of an op's input is no new storage (so the weights never count); on CPU backward runs on the calling thread, so
+    its ops are seen too. Intra-op scratch buffers are not: they are the kernel's, and differ from CUDA's anyway."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
+        for tensor in tree_flatten(out)[0]:
+            if torch.is_tensor(tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                storage = tensor.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def training_step_bytes(model, tokens):
+    """(bytes autograd keeps for backward, counted once per storage, parameters excluded; peak bytes live during
+    forward and backward) for one step as the Trainer runs it: the outputs, logits included, go before backward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -86,14 +118,18 @@ def saved_activation_bytes(model, tokens):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=tokens, labels=tokens)
-    return sum(saved.values())
+    with LivePeak() as live:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values()), live.peak
 
 
-@pytest.mark.parametrize("lora_r, targets, dropout", [(None, None, 0.0), (8, "all-linear", 0.05), (8, "all-linear", 0.0),
-                                                     (8, ["q_proj", "v_proj"], 0.0), (8, ["o_proj", "down_proj"], 0.0)])
-def test_activation_formula_matches_what_autograd_saves(lora_r, targets, dropout, monkeypatch):
+@pytest.mark.parametrize("lora_r, targets, dropout", [(None, None, 0.0), (8, "all-linear", 0.05),
+                                                     (8, "all-linear", 0.0), (8, ["q_proj", "v_proj"], 0.0),
+                                                     (8, ["o_proj", "down_proj"], 0.0)])
+def test_activation_formula_matches_the_measured_peak(lora_r, targets, dropout, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr(memory, "DROPOUT_MASK_BYTES", 2)  # CPU dropout keeps its mask in bf16, CUDA in bool
@@ -108,12 +144,57 @@ def test_activation_formula_matches_what_autograd_saves(lora_r, targets, dropout
         model.enable_input_require_grads()
     model = model.to(torch.bfloat16).train()
     batch, seq = 2, 256
-    measured = saved_activation_bytes(model, torch.randint(0, shape.vocab_size, (batch, seq)))
+    saved, peak = training_step_bytes(model, torch.randint(0, shape.vocab_size, (batch, seq)))
     predicted = estimate(shape, gpus=1, zero_stage=0, micro_batch=batch, seq_len=seq, lora_r=lora_r,
                          lora_targets=targets or "all-linear", lora_dropout=dropout,
                          gradient_checkpointing=False).activations
-    assert predicted == pytest.approx(measured, rel=0.03)
+    assert predicted == pytest.approx(peak, rel=0.03)
+    # The layers' part is what autograd saves: the peak adds the loss's two fp32 gradients of the logits.
+    assert predicted - 2 * 4 * shape.vocab_size * batch * seq == pytest.approx(saved, rel=0.03)
 
+
+@pytest.mark.parametrize("vocab", [43176, 128256])  # Swallow's and Llama 3's
+def test_the_loss_peaks_at_three_fp32_copies_of_the_logits(vocab):
+    """transformers' ForCausalLMLoss upcasts the logits and takes log_softmax: as backward starts, the saved fp32
+    log-softmax and two fp32 gradients of the logits' size are live on top of every layer's activations. For a
+    large vocabulary that is a large part of the peak (Llama-3.1-Swallow-70B at 8 x 2048: 23.5 GiB per GPU)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    shape = ModelShape(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=176,
+                       vocab_size=vocab)
+    base = LlamaForCausalLM._from_config(llama_config(shape, attn_implementation="sdpa"), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear")).to(torch.bfloat16).train()
+    model.enable_input_require_grads()
+    batch, seq = 2, 128
+    tokens = torch.randint(0, vocab, (batch, seq))
+    _, peak = training_step_bytes(model, tokens)
+    logits = batch * seq * vocab
+    assert memory.loss_bytes(shape, batch * seq) == 3 * 4 * logits
+    predicted = estimate(shape, gpus=1, zero_stage=0, micro_batch=batch, seq_len=seq, lora_r=8,
+                         gradient_checkpointing=False).activations
+    assert predicted == pytest.approx(peak, rel=0.005)
+    assert peak / (4 * logits) == pytest.approx(3.0, abs=0.02)
+
+    # The loss alone: exactly the three fp32 copies, plus the bf16 logits (here a leaf, which the graph keeps; the
+    # Trainer drops the model's before backward), the fp32 loss and backward's seed.
+    with LivePeak() as live:
+        loss = model.loss_function(logits=torch.zeros(batch, seq, vocab, dtype=torch.bfloat16, requires_grad=True),
+                                   labels=tokens, vocab_size=vocab)
+        loss.backward()
+    assert live.peak == memory.loss_bytes(shape, batch * seq) + 2 * logits + 2 * 4
+
+
+def test_liger_fused_loss_never_forms_the_logits():
+    """--use_liger_kernel: chunks of about tokens x h logits instead of 12 bytes per logit (liger_kernel 0.8.5's
+    chunking, not measured: Triton needs a GPU)."""
+    shape, tokens = KNOWN_SHAPES["llama-3-swallow-8b"], 4 * 2048
+    # ceil(128256 / 4096) = 32, so chunks of 8192 / 32 = 256 rows of the vocabulary; plus grad_input and the losses.
+    assert memory.loss_bytes(shape, tokens, fused=True) == 2 * (tokens * 4096 + 256 * 128256) + 4 * tokens
+    common = dict(gpus=1, zero_stage=0, micro_batch=4, seq_len=2048, lora_r=16, gradient_checkpointing=False)
+    unfused, fused = estimate(shape, **common), estimate(shape, fused_loss=True, **common)
+    saved = 12 * tokens * 128256 - memory.loss_bytes(shape, tokens, fused=True)
+    assert unfused.activations - fused.activations == saved
 
 
 def test_activation_formula_holds_for_fp32_adapters_under_autocast_as_swallow_trainer_runs_them():
@@ -134,11 +215,11 @@ def test_activation_formula_holds_for_fp32_adapters_under_autocast_as_swallow_tr
     tokens = torch.randint(0, shape.vocab_size, (batch, seq))
     predicted = estimate(shape, gpus=1, zero_stage=0, micro_batch=batch, seq_len=seq, lora_r=8,
                          gradient_checkpointing=False).activations
-    saved = {}
+    saved, peak = {}, {}
     for skip in (True, False):
         with disable_input_dtype_casting(model, active=skip), torch.autocast("cpu", dtype=torch.bfloat16):
-            saved[skip] = saved_activation_bytes(model, tokens)
-    assert predicted == pytest.approx(saved[True], rel=0.03)
+            saved[skip], peak[skip] = training_step_bytes(model, tokens)
+    assert predicted == pytest.approx(peak[True], rel=0.03)
     assert saved[False] - saved[True] == 4 * shape.hidden_size * 2 * batch * seq * shape.num_layers
 
 
@@ -156,7 +237,7 @@ def test_under_deepspeed_adapters_follow_the_base_dtype_and_keep_what_the_formul
     tokens = torch.randint(0, shape.vocab_size, (batch, seq))
     predicted = estimate(shape, gpus=1, zero_stage=3, micro_batch=batch, seq_len=seq, lora_r=8,
                          gradient_checkpointing=False).activations
-    saved, casts = {}, {}
+    saved, peak = {}, {}
     for base_dtype in (True, False):
         torch.manual_seed(0)
         base = LlamaForCausalLM._from_config(llama_config(shape, attn_implementation="sdpa"), dtype=torch.bfloat16)
@@ -164,8 +245,8 @@ def test_under_deepspeed_adapters_follow_the_base_dtype_and_keep_what_the_formul
         model.enable_input_require_grads()
         lora_a = next(m for m in model.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight
         assert lora_a.dtype == (torch.bfloat16 if base_dtype else torch.float32)
-        saved[base_dtype] = saved_activation_bytes(model, tokens)
-    assert predicted == pytest.approx(saved[True], rel=0.03)
+        saved[base_dtype], peak[base_dtype] = training_step_bytes(model, tokens)
+    assert predicted == pytest.approx(peak[True], rel=0.03)
     assert saved[False] > 1.3 * saved[True]
 
 def test_gradient_checkpointing_and_zero3_shrink_the_estimate():
@@ -194,6 +275,31 @@ def test_shape_for_a_local_dir(tmp_path):
     assert shape_for(str(tmp_path)) == TINY
 
 
+def test_a_local_config_with_rope_scaling_says_so(tmp_path):
+    scaled = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    llama_config(TINY, rope_scaling=scaled).save_pretrained(tmp_path)
+    assert shape_for(str(tmp_path)).rope_scaling
+    (tmp_path / "config.json").write_text(json.dumps({**llama_config(TINY).to_diff_dict(), "rope_scaling": None}))
+    assert not shape_for(str(tmp_path)).rope_scaling  # Llama-2 configs say null
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d, "{d} is a directory without config.json: point it at the model's directory"),
+    (lambda d: (d / "config.json").write_text("{"), "{d}/config.json: cannot be read (Expecting property name"),
+])
+def test_local_directories_that_hold_no_model_are_errors(make, message, tmp_path):
+    make(tmp_path)
+    with pytest.raises(UserError) as error:
+        shape_for(str(tmp_path))
+    assert str(error.value).startswith(message.format(d=tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_a_path_that_is_not_there_is_left_to_run_clms_own_check(tmp_path):
+    assert shape_for(str(tmp_path / "nope")) is None  # model.check_local_model_path says it, here and in run_clm.py
+
+
 def test_shape_for_an_unsupported_architecture_is_none(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "mixtral", "hidden_size": 4096}')
     assert shape_for(str(tmp_path)) is None
@@ -204,10 +310,69 @@ def test_shape_for_an_unsupported_architecture_is_none(tmp_path):
     ("tokyotech-llm/Swallow-7b-hf", "swallow-7b"),
     ("tokyotech-llm/Swallow-13b-instruct-hf", "swallow-13b"),
     ("tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1", "llama-3-swallow-8b"),
-    ("tokyotech-llm/Llama-3.1-Swallow-70B-Instruct-v0.3", "llama-3-swallow-70b"),
+    ("tokyotech-llm/Llama-3-Swallow-70B-v0.1", "llama-3-swallow-70b"),
+    ("tokyotech-llm/swallow-70b-instruct-v0.1", "swallow-70b"),  # the Hub resolves ids whatever their case
 ])
 def test_shape_for_known_hub_ids(hub_id, known, tmp_path):
     assert shape_for(hub_id, cache_dir=str(tmp_path)) == KNOWN_SHAPES[known]
+
+
+@pytest.mark.parametrize("hub_id", ["tokyotech-llm/Llama-3.1-Swallow-70B-Instruct-v0.3",
+                                    "tokyotech-llm/Llama-3.3-Swallow-70B-v0.4"])
+def test_llama_3_1_and_3_3_swallows_scale_rope_to_131072_positions(hub_id, tmp_path):
+    shape = shape_for(hub_id, cache_dir=str(tmp_path))
+    assert shape.max_positions == 131072 and shape.rope_scaling
+    assert shape.total_params == KNOWN_SHAPES["llama-3-swallow-70b"].total_params
+
+
+def test_every_known_id_is_an_exact_tokyotech_llm_llama_id():
+    assert len(SWALLOW_MODELS) == 31  # 15 Llama-2 Swallows, 4 Llama-3, 10 Llama-3.1, 2 Llama-3.3
+    assert all(name.startswith("tokyotech-llm/") and name.count("/") == 1 for name in SWALLOW_MODELS)
+    assert "tokyotech-llm/Swallow-13b-NVE-instruct-hf" not in SWALLOW_MODELS  # never released
+
+
+@pytest.mark.parametrize("hub_id, suggestion", [
+    ("tokyotech-llm/Swallow-70b-instrct-v0.1", "did you mean tokyotech-llm/Swallow-70b-instruct-v0.1"),
+    ("Swallow-70b-instruct-v0.1", "did you mean tokyotech-llm/Swallow-70b-instruct-v0.1"),
+    ("tokyotech-llm/Swallow-70b-instruct-v0.2", "did you mean tokyotech-llm/Swallow-70b-instruct-v0.1"),
+    ("tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.4",
+     "did you mean tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0."),
+    ("tokyotech-llm/totally-new", "known: swallow_ft/memory.py SWALLOW_MODELS"),
+])
+def test_a_mistyped_swallow_id_is_an_error_not_a_guess(hub_id, suggestion, tmp_path):
+    """It used to match any name with "swallow" and "70b" in it, so the typo surfaced on the cluster, as an OSError
+    from every rank."""
+    with pytest.raises(UserError) as error:
+        shape_for(hub_id, cache_dir=str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"{hub_id} is not a known Swallow model id and not a local directory: check the "
+                              f"spelling ({suggestion}")
+    assert message.endswith(f"passes once its config is cached (hf download {hub_id} config.json)")
+
+
+def test_a_cached_config_beats_the_list(tmp_path, monkeypatch):
+    """A Swallow newer than SWALLOW_MODELS, once its config.json is in the HF cache, is read from there."""
+    from huggingface_hub.constants import CONFIG_NAME
+
+    hub_id = "tokyotech-llm/Llama-4-Swallow-8B-v0.1"
+    snapshot = tmp_path / f"models--{hub_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    llama_config(TINY).to_json_file(snapshot / CONFIG_NAME)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert shape_for(hub_id, cache_dir=str(tmp_path)) == TINY
+
+
+@pytest.mark.parametrize("shape, seq, problem", [
+    (KNOWN_SHAPES["swallow-7b"], 4096, None),
+    (KNOWN_SHAPES["swallow-7b"], 8192, "8192 tokens exceed the model's max_position_embeddings (4096) and its config "
+                                       "has no rope_scaling"),
+    (KNOWN_SHAPES["llama-3-swallow-8b"], 8192, None),
+    (SWALLOW_MODELS["tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.5"], 32768, None),
+    (ModelShape(64, 2, 4, 2, 176, 1200), 10 ** 6, None),  # a config without max_position_embeddings: unknown
+])
+def test_context_problem(shape, seq, problem):
+    assert context_problem(shape, seq) == problem
 
 
 @pytest.mark.parametrize("hub_id", ["some/unknown-model", "tokyotech-llm/Swallow-MS-7b-v0.1",
@@ -258,7 +423,19 @@ def test_gpu_memory_for_pool(pool, gib):
 
 
 def test_cheapest_fix_comes_first_and_later_ones_are_alternatives():
-    settings = dict(gpus=8, zero_stage=2, micro_batch=8, seq_len=4096, gradient_checkpointing=False)
+    settings = dict(gpus=8, zero_stage=2, micro_batch=4, seq_len=4096, gradient_checkpointing=False)
     suggestions = suggest_fixes(KNOWN_SHAPES["llama-3-swallow-8b"], 80, **settings)
     assert suggestions[0].startswith("--activation_checkpointing: ")
     assert not any("--activation_checkpointing" in s for s in suggestions[1:])  # not the same fix made stronger
+
+
+def test_ligers_fused_loss_is_suggested_and_dropped_for_zero3():
+    """At 8 x 4096 tokens a 128,256 vocabulary's loss alone takes 47 GiB; Liger's fused loss, which ZeRO-3 rules
+    out, takes well under one."""
+    big = dict(gpus=8, zero_stage=2, micro_batch=8, seq_len=4096, gradient_checkpointing=False)
+    suggestions = suggest_fixes(KNOWN_SHAPES["llama-3-swallow-8b"], 80, **big)
+    assert suggestions[0] == "--activation_checkpointing, --use_liger_kernel: 48.9 GiB per GPU"
+    needs_zero3 = dict(gpus=4, zero_stage=2, micro_batch=2, seq_len=2048, lora_r=16, gradient_checkpointing=True,
+                       fused_loss=True)
+    assert suggest_fixes(KNOWN_SHAPES["llama-3-swallow-70b"], 80, **needs_zero3) == [
+        "micro-batch 1, ZeRO-3, without --use_liger_kernel: 43.5 GiB per GPU"]

@@ -119,3 +119,76 @@ def test_write_into_drops_the_deepspeed_hyperparameter_when_the_plan_needs_no_de
     after = Experiment.load(path)
     assert "--deepspeed" not in after.script_args() and "deepspeed_config" not in after.config["hyperparameters"]
     assert after.config["hyperparameters"]["training_arguments"] == {"learning_rate": "1e-5"}  # the rest stays
+
+
+@pytest.mark.parametrize("gpus", [4, 8])
+def test_llama_3_70b_counts_its_128k_vocabulary_loss(gpus):
+    """transformers' loss keeps 12 bytes per logit as backward starts: 23.5 GiB at 8 x 2048 tokens for a 128,256
+    vocabulary. The planner used to put micro-batch 8 on 4 x 80 GB (71.2 GiB by the old count, 86.9 by the new)."""
+    shape = KNOWN_SHAPES["llama-3-swallow-70b"]
+    chosen = plan(shape, gpus=gpus, gpu_mem=80, seq=2048, lora=True, global_batch=64)
+    s = chosen.setting
+    assert fits(chosen.estimate, 80)
+    bigger = estimate(shape, gpus=gpus, zero_stage=s.zero_stage, micro_batch=2 * s.micro_batch, seq_len=2048,
+                      lora_r=16, gradient_checkpointing=s.checkpointing)
+    assert not fits(bigger, 80) or s.micro_batch * gpus * 2 > 64  # the next micro-batch does not fit, or overshoots
+    assert (s.zero_stage, s.micro_batch, chosen.accumulation) == ((3, 4, 4) if gpus == 4 else (3, 8, 1))
+
+
+def test_without_zero3_the_plan_counts_ligers_fused_loss():
+    shape = KNOWN_SHAPES["llama-3-swallow-8b"]
+    chosen = plan(shape, gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
+    assert "--use_liger_kernel" in flags_for(chosen, 2048)
+    s = chosen.setting
+    assert chosen.estimate == estimate(shape, gpus=1, zero_stage=s.zero_stage, micro_batch=s.micro_batch, seq_len=2048,
+                                       lora_r=16, gradient_checkpointing=s.checkpointing, fused_loss=True)
+
+
+def test_an_exact_global_batch_is_kept_with_a_micro_batch_that_is_no_power_of_two():
+    """48 sequences on 8 GPUs used to become micro-batch 4 x accumulation 2 = 64, quietly."""
+    chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=8, gpu_mem=80, seq=2048, lora=True, global_batch=48)
+    assert (chosen.setting.micro_batch, chosen.accumulation, chosen.global_batch) == (6, 1, 48)
+    assert "gradient accumulation 1 for a global batch of 48 sequences (micro-batch 6 x 8 GPU(s) x accumulation 1)" \
+        in chosen.reasons
+
+
+@pytest.mark.parametrize("gpus, asked, planned, why", [
+    (8, 50, 64, "50 is not a multiple of the 8 GPUs; ask for a multiple of 8 to get it exactly"),
+    (4, 44, 64, "the fastest setting that gives 44 (micro-batch 1, accumulation 11) is 54% slower by the time model; "
+                "set those flags to keep 44"),
+])
+def test_a_changed_global_batch_is_said_with_the_reason(gpus, asked, planned, why):
+    chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=gpus, gpu_mem=80, seq=2048, lora=True, global_batch=asked)
+    s = chosen.setting
+    assert chosen.global_batch == planned == s.micro_batch * gpus * chosen.accumulation
+    assert (f"global batch {planned}, not the {asked} asked (micro-batch {s.micro_batch} x {gpus} GPU(s) x "
+            f"accumulation {chosen.accumulation}): {why}") in chosen.reasons
+
+
+def test_an_exact_batch_wins_when_about_as_fast(monkeypatch):
+    """7 sequences on one GPU: micro-batch 1 x 7 is 8% slower by the time model than micro-batch 4 x 2 = 8, within
+    EXACT_BATCH_SLACK (10%, less than the model's own error)."""
+    from swallow_ft import plan as planner
+
+    args = dict(gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=7)
+    exact = plan(KNOWN_SHAPES["swallow-7b"], **args)
+    assert (exact.setting.micro_batch, exact.accumulation, exact.global_batch) == (1, 7, 7)
+    monkeypatch.setattr(planner, "EXACT_BATCH_SLACK", 0.0)
+    fastest = plan(KNOWN_SHAPES["swallow-7b"], **args)
+    assert (fastest.setting.micro_batch, fastest.accumulation, fastest.global_batch) == (4, 2, 8)
+    assert 1 - exact.tokens_per_second_per_gpu / fastest.tokens_per_second_per_gpu == pytest.approx(0.083, abs=0.001)
+
+
+def test_rows_longer_than_the_model_knows_are_refused():
+    with pytest.raises(UserError, match=r"^--seq 8192: 8192 tokens exceed the model's max_position_embeddings "
+                                        r"\(4096\) and its config has no rope_scaling: use --seq 4096 or less$"):
+        plan(KNOWN_SHAPES["swallow-70b"], gpus=8, gpu_mem=80, seq=8192, lora=True, global_batch=64)
+
+
+def test_cli_says_a_mistyped_model_in_one_line(capsys):
+    from swallow_ft.plan import main
+
+    assert main(["--model", "tokyotech-llm/Swallow-70b-instrct-v0.1", "--gpus", "4", "--gpu-mem", "80"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model tokyotech-llm/Swallow-70b-instrct-v0.1 is not a known Swallow model id")
+    assert err.count("\n") == 1

@@ -1,6 +1,7 @@
 """The offline preflight: shipped experiments pass, broken ones get one clear line per problem."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def _set(path, value):
     return change
 
 
+def _model(entrypoint, name):
+    return re.sub(r"--model_name_or_path \S+", f"--model_name_or_path {name}", entrypoint)
+
+
 def _drop(text):
     return lambda e: e.replace(text, "")
 
@@ -162,6 +167,16 @@ BROKEN = {
                           "nope.jsonl: data file not found"),
     "LoRA target typo": (dict(entrypoint=lambda e: e + " --lora_target_modules q_proj,vproj"),
                          "--lora_target_modules: vproj not in llama"),
+    "mistyped Swallow id": (dict(entrypoint=lambda e: _model(e, "tokyotech-llm/Swallow-70b-instrct-v0.1")),
+                            "--model_name_or_path tokyotech-llm/Swallow-70b-instrct-v0.1 is not a known Swallow model "
+                            "id and not a local directory: check the spelling (did you mean "
+                            "tokyotech-llm/Swallow-70b-instruct-v0.1"),
+    "model path that does not exist": (dict(entrypoint=lambda e: _model(e, "/models/swallow-7b")),
+                                       "--model_name_or_path /models/swallow-7b: no such directory"),
+    "block_size beyond the model's positions": (
+        dict(entrypoint=lambda e: e.replace("--block_size 256", "--block_size 8192")),
+        "--block_size 8192: 8192 tokens exceed the model's max_position_embeddings (4096) and its config has no "
+        "rope_scaling: use --block_size 4096 or less"),
     "bad prompt format": (dict(entrypoint=lambda e: e.replace("swallow-instruct-v0.1", "llama2")),
                           "argument --prompt_format/--prompt-format: invalid choice: 'llama2'"),
 }
@@ -190,6 +205,25 @@ def test_memory_that_does_not_fit_says_what_would(tmp_path):
     path.write_text(yaml.safe_dump(config))
     problems = check_experiment(path, gpu_mem=24).problems
     assert any("does not fit 24 GiB GPUs; would fit:" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("block_size, model, limit", [
+    (4096, "tokyotech-llm/Swallow-7b-instruct-v0.1", None),
+    (8192, "tokyotech-llm/Swallow-7b-instruct-v0.1", 4096),
+    (8192, "tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1", None),
+    (16384, "tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1", 8192),
+    (16384, "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.5", None),  # llama3 RoPE scaling: 131072
+])
+def test_block_size_against_the_known_models_positions(block_size, model, limit, tmp_path):
+    config = yaml.safe_load((REPO / "experiments/swallow_7b.yaml").read_text())
+    entrypoint = _model(config["entrypoint"], model)
+    config["entrypoint"] = entrypoint.replace("--block_size 2048", f"--block_size {block_size}")
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config))
+    problems = [p for p in check_experiment(path, gpu_mem=1000).problems if "--block_size" in p]
+    assert problems == ([f"{path}: --block_size {block_size}: {block_size} tokens exceed the model's "
+                         f"max_position_embeddings ({limit}) and its config has no rope_scaling: use --block_size "
+                         f"{limit} or less, or a model whose context is longer"] if limit else [])
 
 
 def test_run_clm_refuses_a_broken_deepspeed_config_before_starting_ranks(tiny_model, tmp_path):
