@@ -25,6 +25,8 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
     tokenizer = load_tokenizer(model_args)
     data = build_datasets(data_args, training_args, tokenizer, model_args.model_name_or_path,
                           cache_dir=model_args.cache_dir)
+    # Saved in every checkpoint, so that compare and the notebook prompt the model as it was trained ("auto" resolved).
+    det_callback.user_data = {**(det_callback.user_data or {}), **data.prompt_settings()}
     if data.packing_efficiency is not None:
         det_callback.constant_metrics["packing_efficiency"] = data.packing_efficiency
     model = load_model(model_args, training_args, packing=data_args.packing)

@@ -6,6 +6,9 @@
 --tuned takes an adapter directory, a merged model directory, or any checkpoint source that
 `python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined checkpoint, a local run dir, ...).
 With an adapter only one copy of the base is loaded: the base answers with the adapter switched off.
+Prompts are rendered in the prompt format and with the system prompt that the run recorded in its checkpoint's
+user_data.json (--prompt_format / --system_prompt override them; without a record, the format is chosen from the
+base model's name and the system prompt is the format's default).
 Writes comparison.jsonl (one row per prompt) and comparison.md (a readable table and the summary).
 """
 
@@ -17,14 +20,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from swallow_ft import metrics
 from swallow_ft.data.encoding import IGNORE, encode
-from swallow_ft.data.loading import load_raw_datasets
+from swallow_ft.data.loading import load_raw_datasets, row_name
 from swallow_ft.data.shapes import detect_shape, to_conversation
 from swallow_ft.data.templates import LLAMA3_SPECIALS, Conversation, Turn, choose_format
 from swallow_ft.errors import UserError, exit_code_of
@@ -49,7 +52,7 @@ def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str =
     fmt = choose_format(prompt_format, model_name, tokenizer, shape)
     examples = []
     for index in range(min(limit or len(rows), len(rows))):
-        conv = to_conversation(rows[index], shape, f"{prompts} row {index}")
+        conv = to_conversation(rows[index], shape, row_name(prompts, index))
         if conv.text is not None:
             raise UserError(f"{prompts}: compare needs prompts with reference answers, not `text` rows")
         prompt_ids, _ = encode(fmt.render(conv, tokenizer, system_prompt, for_generation=True), tokenizer,
@@ -106,19 +109,45 @@ def reference_loss(model, examples: List[Example], batch_size: int, pad_token_id
     return total / max(count, 1)
 
 
-class SideBySide:
-    """The tokenizer and both models, loaded once: for compare() and for trying prompts in the notebook."""
+def trained_prompt(checkpoint: Path) -> Dict[str, Optional[str]]:
+    """{prompt_format, system_prompt} as the run recorded them in the checkpoint's user_data.json (run_clm.py's
+    PreparedData.prompt_settings; export copies the file); {} for checkpoints from before they were recorded."""
+    path = Path(checkpoint) / "user_data.json"
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); pass --prompt_format and --system_prompt instead") from exc
+    return {key: recorded[key] for key in ("prompt_format", "system_prompt") if key in recorded}
 
-    def __init__(self, base: str, tuned: str, prompt_format: str = "auto", system_prompt: Optional[str] = None,
+
+def prompt_settings(checkpoint: Path, prompt_format: Optional[str] = None,
+                    system_prompt: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(prompt format, system prompt) to render with: those given, else the run's, else "auto" and the default."""
+    trained = {} if prompt_format and system_prompt is not None else trained_prompt(checkpoint)
+    return (prompt_format or trained.get("prompt_format", "auto"),
+            system_prompt if system_prompt is not None else trained.get("system_prompt"))
+
+
+class SideBySide:
+    """The tokenizer and both models, loaded once: for compare() and for trying prompts in the notebook.
+
+    prompt_format and system_prompt default to what the tuned run trained with (see prompt_settings).
+    """
+
+    def __init__(self, base: str, tuned: str, prompt_format: Optional[str] = None, system_prompt: Optional[str] = None,
                  dtype: str = "auto", device_map: Optional[str] = None):
         from swallow_ft.arguments import ModelArguments
+        from swallow_ft.export import resolve_checkpoint
         from swallow_ft.model import load_tokenizer
 
         self.base_name, self.tuned_name = base, tuned
-        self.prompt_format, self.system_prompt = prompt_format, system_prompt
+        checkpoint = resolve_checkpoint(tuned)  # once: on a cluster this downloads it
+        self.prompt_format, self.system_prompt = prompt_settings(checkpoint, prompt_format, system_prompt)
         self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=base))
         self.tokenizer.padding_side = "left"
-        self.base_model, self.tuned_model, self.as_base = _load_models(base, tuned, dtype, device_map)
+        self.base_model, self.tuned_model, self.as_base = _load_models(base, tuned, checkpoint, dtype, device_map)
 
     def examples(self, prompts: str, limit: Optional[int] = None) -> List[Example]:
         return load_examples(prompts, self.tokenizer, self.base_name, self.prompt_format, self.system_prompt, limit)
@@ -146,7 +175,7 @@ class SideBySide:
         return {"base": base[0], "tuned": tuned[0]}
 
 
-def _load_models(base: str, tuned: str, dtype: str, device_map: Optional[str]):
+def _load_models(base: str, tuned: str, checkpoint: Path, dtype: str, device_map: Optional[str]):
     """(base_model, tuned_model, base_context): base_context() switches the adapter off when shared."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -154,7 +183,7 @@ def _load_models(base: str, tuned: str, dtype: str, device_map: Optional[str]):
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
 
-    adapter = _adapter_of(tuned)
+    adapter = _adapter_of(tuned, checkpoint)
     base_model = load(base)
     if adapter is None:
         return base_model, load(tuned), contextlib.nullcontext
@@ -167,21 +196,20 @@ def _load_models(base: str, tuned: str, dtype: str, device_map: Optional[str]):
     return tuned_model, tuned_model, tuned_model.disable_adapter
 
 
-def _adapter_of(tuned: str) -> Optional[tuple]:
-    """(adapter config, state) for --tuned, or None when it is a full (merged) model."""
-    from swallow_ft.export import load_adapter, resolve_checkpoint
+def _adapter_of(tuned: str, checkpoint: Path) -> Optional[tuple]:
+    """(adapter config, state) for --tuned (resolved to checkpoint), or None when it is a full (merged) model."""
+    from swallow_ft.export import load_adapter
 
     path = Path(tuned)
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return None
-    checkpoint = path if (path / "adapter_config.json").is_file() else resolve_checkpoint(tuned)
     if not (checkpoint / "adapter_config.json").is_file():
         raise UserError(f"{tuned}: checkpoint {checkpoint} holds no LoRA adapter; export it with "
                         "python -m swallow_ft.export and pass the exported directory")
     return load_adapter(checkpoint)  # also rebuilds ZeRO-3 adapters that were saved empty
 
 
-def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: str = "auto",
+def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optional[str] = None,
             system_prompt: Optional[str] = None, max_new_tokens: int = 64, batch_size: int = 8,
             limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
             models: Optional[SideBySide] = None) -> Dict:
@@ -192,7 +220,8 @@ def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: str =
     rows = [{"index": e.index, "prompt": e.question, "reference": e.reference, "base": b, "tuned": t,
              "scores": {"base": metrics.score(b, e.reference), "tuned": metrics.score(t, e.reference)}}
             for e, b, t in zip(examples, base_answers, tuned_answers)]
-    summary = {"prompts": prompts, "n": len(rows), "base_model": base, "tuned_model": tuned}
+    summary = {"prompts": prompts, "n": len(rows), "base_model": base, "tuned_model": tuned,
+               "prompt_format": models.prompt_format, "system_prompt": models.system_prompt}
     for name, loss in (("base", base_loss), ("tuned", tuned_loss)):
         summary[name] = {**metrics.mean_scores(r["scores"][name] for r in rows), "loss": loss,
                          "perplexity": math.exp(min(loss, 50))}
@@ -250,7 +279,8 @@ def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
                      f"| {_fmt(b['number_match'])} → {_fmt(t['number_match'])} |")
     (out / "comparison.md").write_text(
         f"# Base vs fine-tuned\n\nbase: `{summary['base_model']}`  \ntuned: `{summary['tuned_model']}`  \n"
-        f"prompts: `{summary['prompts']}` ({summary['n']})\n\n{summary_table(summary)}\n\n" + "\n".join(table) + "\n",
+        f"prompts: `{summary['prompts']}` ({summary['n']})  \nprompt format: `{summary['prompt_format']}`\n\n"
+        f"{summary_table(summary)}\n\n" + "\n".join(table) + "\n",
         encoding="utf-8")
 
 
@@ -260,8 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tuned", required=True, help="adapter dir, merged model dir, or a checkpoint source")
     parser.add_argument("--prompts", required=True, help="json/jsonl/csv/parquet in a shape run_clm.py reads")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
-    parser.add_argument("--prompt_format", default="auto")
-    parser.add_argument("--system_prompt")
+    parser.add_argument("--prompt_format", help="default: the run's (from its checkpoint), else auto")
+    parser.add_argument("--system_prompt", help="default: the run's (from its checkpoint), else the format's")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--n", type=int, help="only the first N prompts")

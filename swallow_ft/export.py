@@ -262,8 +262,10 @@ def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype:
         merge(base_name, config, state, dtype).save_pretrained(model_dir)
         return f"merged {lora} into {base_name}, {dtype}", base_name
     # Written as trained: LoRA weights are small and kept in fp32 by peft, so --dtype is not applied.
-    write_adapter(model_dir, {**config, "base_model_name_or_path": base or config.get("base_model_name_or_path")},
-                  state)
+    # A local base is recorded by its absolute path: a relative one would only load from the directory it is
+    # relative to. Hub ids stay as they are.
+    recorded = str(Path(base_name).resolve()) if Path(base_name).is_dir() else base_name
+    write_adapter(model_dir, {**config, "base_model_name_or_path": recorded}, state)
     return f"{lora} only, for base {base_name}", base_name
 
 
@@ -298,6 +300,8 @@ def export(source, out: Path, base=None, adapter_only=False, dtype="bfloat16", s
         if tokenizer_from is None:
             raise UserError(f"{ckpt}: no tokenizer saved in the checkpoint; pass --base MODEL to take it from")
         AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(model_dir)
+        if (ckpt / "user_data.json").is_file():  # the run's data and prompt settings: compare reads them here too
+            shutil.copy2(ckpt / "user_data.json", model_dir / "user_data.json")
         if out.exists():
             out.rmdir()  # empty, checked above
         model_dir.rename(out)

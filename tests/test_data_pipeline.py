@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,17 +129,124 @@ def test_overlong_policy_and_examples_with_no_reply_left(tokenizer, tmp_path, ca
     assert "longer than block_size were truncated (--overlong truncate)" in caplog.text
 
 
-def test_bad_rows_stop_with_the_row_index_or_are_skipped_and_counted(tokenizer, tmp_path, caplog):
+def chat(i, second_role="assistant"):
+    return {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": second_role, "content": f"{i + 1}"}]}
+
+
+def test_bad_rows_stop_with_the_line_or_are_skipped_and_counted(tokenizer, tmp_path, caplog):
     path = tmp_path / "chat.jsonl"
-    good = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
-    bad = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "user", "content": "?"}]}
-    path.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad] + [good] * 9) + "\n")
+    rows = [chat(i) for i in range(30)] + [chat(30, second_role="user")] + [chat(i) for i in range(31, 40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     args = dict(train_file=str(path), prompt_format="swallow-instruct-v0.1", validation_split_percentage=10)
-    with pytest.raises(UserError, match=f"{path} row 30: messages 0.. have roles \\['user', 'user'\\]"):
+    # The 31st line: what an editor shows, not the 0-based row index 30.
+    with pytest.raises(UserError, match=f"{path} line 31: messages 0.. have roles \\['user', 'user'\\]"):
         build_datasets(DataTrainingArguments(**args), training_args(tmp_path), tokenizer, "tiny")
     data = build_datasets(DataTrainingArguments(**args, skip_bad_rows=True), training_args(tmp_path), tokenizer, "tiny")
     assert len(data.train) + len(data.validation) == 39
     assert "skipped 1 bad rows" in caplog.text
+
+
+def test_bad_rows_are_named_by_file_line_past_blank_lines_and_by_0_based_row_elsewhere(tokenizer, tmp_path):
+    jsonl = tmp_path / "gaps.jsonl"  # the JSON reader skips blank lines, so row 2 is on line 5
+    jsonl.write_text("\n".join([json.dumps(chat(0)), "", json.dumps(chat(1)), "   ", json.dumps(chat(2, "user"))]))
+    with pytest.raises(UserError, match=f"^{jsonl} line 5: messages 0.. have roles"):
+        build_datasets(DataTrainingArguments(train_file=str(jsonl)), training_args(tmp_path), tokenizer, "tiny")
+    csv = tmp_path / "camel.csv"  # under a header: a line number would be off by one, so the index says 0-based
+    csv.write_text("message_1,message_2\n1+1?,two\n2+1?,three\n3+1?,\n")
+    with pytest.raises(UserError, match=f"^{csv} row 2 \\(0-based\\): column 'message_2' is missing or null"):
+        build_datasets(DataTrainingArguments(train_file=str(csv)), training_args(tmp_path), tokenizer, "tiny")
+
+
+def distinct_camel_rows(n):
+    rows = {}
+    for line in (REPO / "data/camel_math_ja.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault((row["message_1"], row["message_2"]), row)
+    return list(rows.values())[:n]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
+
+
+def test_held_out_duplicates_of_training_examples_are_dropped_and_counted(tokenizer, tmp_path, caplog):
+    rows = distinct_camel_rows(30)
+    path = write_jsonl(tmp_path / "dups.jsonl", rows + [rows[0]] * 30)  # one example 31 times
+    data = build_datasets(DataTrainingArguments(train_file=path, prompt_format="swallow-instruct-v0.1",
+                                                validation_split_percentage=50), training_args(tmp_path), tokenizer,
+                          "tiny")
+    dropped = 30 - len(data.validation)
+    assert dropped > 0 and len(data.train) == 30
+    assert (f"{path} (held out): dropped {dropped} of 30 held-out validation examples identical (token for token) to "
+            "a training example, so that eval_loss measures unseen data; deduplicate the data to keep them") \
+        in caplog.text
+    trained = {tuple(ids) for ids in data.train["input_ids"]}
+    assert not [ids for ids in data.validation["input_ids"] if tuple(ids) in trained]
+
+
+def test_a_validation_file_is_kept_as_given_with_a_warning_about_duplicates(tokenizer, tmp_path, caplog):
+    rows = distinct_camel_rows(40)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    validation = write_jsonl(tmp_path / "validation.jsonl", rows[30:33] + [rows[4], rows[7]])
+    data = build_datasets(DataTrainingArguments(train_file=train, validation_file=validation,
+                                                prompt_format="swallow-instruct-v0.1"), training_args(tmp_path),
+                          tokenizer, "tiny")
+    assert (len(data.train), len(data.validation)) == (30, 5)
+    assert (f"{validation}: 2 of 5 validation examples are identical (token for token) to a training example, so "
+            "eval_loss partly measures recall; remove them from the validation file") in caplog.text
+
+
+def test_the_resolved_prompt_settings_are_what_a_checkpoint_records(tokenizer, tmp_path):
+    auto = build_datasets(data_args(max_train_samples=4), training_args(tmp_path), tokenizer, "tiny")
+    assert auto.prompt_settings() == {"prompt_format": "swallow-instruct-v0.1",
+                                      "system_prompt": "あなたは誠実で優秀な日本人のアシスタントです。"}
+    alpaca = build_datasets(data_args(prompt_format="swallow-instruct-v0", system_prompt="無視されます"),
+                            training_args(tmp_path), tokenizer, "tiny")
+    assert alpaca.prompt_settings() == {"prompt_format": "swallow-instruct-v0", "system_prompt": None}
+
+
+def test_the_tokenised_cache_is_keyed_on_the_source_of_the_code_that_makes_the_tokens(tokenizer, tmp_path,
+                                                                                      monkeypatch):
+    from swallow_ft.data import loading, templates
+
+    path = write_jsonl(tmp_path / "camel.jsonl", distinct_camel_rows(20))
+    args = DataTrainingArguments(train_file=path)
+    raw = loading.load_raw_datasets(args, cache_dir=tmp_path / "cache")["train"]
+
+    def tokenise():
+        return loading.encode_split(raw, path, "camel-math", templates.FORMATS["swallow-instruct-v0.1"], tokenizer,
+                                    args, 256)
+
+    def cache_files():
+        return set((tmp_path / "cache").rglob("cache-*.arrow"))
+
+    first = tokenise()
+    written = cache_files()
+    assert tokenise()._fingerprint == first._fingerprint and cache_files() == written  # same code: a hit
+
+    source = Path(templates.__file__).read_text(encoding="utf-8")
+    for name, text in (("same.py", source), ("edited.py", source + "# an edit\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(templates, "__file__", str(tmp_path / "same.py"))
+    assert tokenise()._fingerprint == first._fingerprint and cache_files() == written
+    monkeypatch.setattr(templates, "__file__", str(tmp_path / "edited.py"))  # templates.py edited: a miss
+    edited = tokenise()
+    assert edited._fingerprint != first._fingerprint and len(cache_files() - written) == 1
+    assert edited["input_ids"] == first["input_ids"]
+
+
+def test_packing_is_cached_under_the_source_of_packing_too(monkeypatch):
+    from datasets import Dataset
+
+    from swallow_ft.data import fingerprint
+
+    ds = Dataset.from_dict({"input_ids": [[7] * 3, [7] * 2], "labels": [[7] * 3, [7] * 2]})
+    before = pack(ds, 8)._fingerprint
+    assert pack(ds, 8)._fingerprint == before
+    real = fingerprint.module_source_hash
+    monkeypatch.setattr(fingerprint, "module_source_hash", lambda modules: "edited " + real(modules))
+    assert pack(ds, 8)._fingerprint != before
 
 
 def test_packing_reports_its_efficiency(tokenizer, tmp_path):
@@ -167,5 +275,5 @@ def test_preview_text_marks_trained_spans(tiny_model):
                              str(tiny_model), "--train_file", "data/chat_ja.jsonl", "--n", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "row 0 · swallow-instruct-v0.1" in result.stdout
+    assert "data/chat_ja.jsonl line 1 · swallow-instruct-v0.1" in result.stdout
     assert "[/INST]⟦ 32 + 13 = 45 です。 </s>⟧<s> [INST] その答えを 4 倍にしてください。 [/INST]⟦" in result.stdout

@@ -4,10 +4,12 @@ Merged LoRA must compute what base + adapter computes, for a single process and 
 adapter saved empty by ZeRO-3 is rebuilt from the shards, or refused with the fix when there are none.
 """
 
+import json
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from swallow_ft.compare import prompt_settings
 from swallow_ft.errors import UserError
 from swallow_ft.export import export, load_adapter, main, merge, resolve_checkpoint
 
@@ -107,12 +110,36 @@ def test_merged_model_computes_base_plus_adapter(run, request, tiny_model, tmp_p
 def test_adapter_only_writes_the_adapter_and_the_tokenizer(lora_run, tiny_model, tmp_path):
     ckpt = resolve_checkpoint(str(lora_run))
     out = export(lora_run, tmp_path / "adapter", adapter_only=True)
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"} | TOKENIZER_FILES
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                               "user_data.json"} | TOKENIZER_FILES
     assert AutoTokenizer.from_pretrained(out).pad_token_id == 0
+    # The run's prompt settings travel with the export, so compare prompts an exported model as it was trained.
+    assert (out / "user_data.json").read_text() == (ckpt / "user_data.json").read_text()
+    assert prompt_settings(out)[0] == "swallow-instruct-v0.1"
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     exported, _ = forward_and_generate(base_plus_adapter(tiny_model, out), tokenizer)
     original, _ = forward_and_generate(base_plus_adapter(tiny_model, ckpt), tokenizer)
     assert torch.equal(exported, original)
+
+
+def test_adapter_only_records_a_local_base_by_its_absolute_path_and_hub_ids_as_they_are(lora_run, tiny_model,
+                                                                                        tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    ckpt = resolve_checkpoint(str(lora_run))
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == ".cache/tiny-swallow"
+    monkeypatch.chdir(REPO)
+    out = export(lora_run, tmp_path / "adapter", adapter_only=True)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(Path(tiny_model).resolve())
+    monkeypatch.chdir(tmp_path)  # from anywhere, the adapter finds its base by its own config alone
+    loaded, _ = forward_and_generate(AutoPeftModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out))
+    original, _ = forward_and_generate(base_plus_adapter(tiny_model, ckpt), AutoTokenizer.from_pretrained(ckpt))
+    assert torch.equal(loaded, original)
+
+    hub = export(lora_run, tmp_path / "hub", base="tokyotech-llm/Swallow-7b-instruct-v0.1", adapter_only=True)
+    assert json.loads((hub / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "tokyotech-llm/Swallow-7b-instruct-v0.1"
 
 
 def test_every_kind_of_local_source_names_the_same_checkpoint(lora_run, monkeypatch):

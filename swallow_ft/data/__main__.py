@@ -16,7 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from swallow_ft.arguments import DataTrainingArguments, ModelArguments, normalize_flags
 from swallow_ft.data.encoding import IGNORE
-from swallow_ft.data.loading import encode_example, load_raw_datasets, source_name
+from swallow_ft.data.loading import encode_example, load_raw_datasets, row_name, source_name
 from swallow_ft.data.shapes import detect_shape
 from swallow_ft.data.templates import choose_format
 from swallow_ft.errors import UserError, exit_code_of
@@ -65,13 +65,14 @@ def preview(options, model_args, data_args, out=sys.stdout):
     fmt = choose_format(data_args.prompt_format, model_args.model_name_or_path, tokenizer, shape)
     color = out.isatty()
     for index in range(min(options.n, len(raw))):
-        ids, labels = encode_example(raw[index], f"{source} row {index}", shape, fmt, tokenizer, data_args)
+        where = row_name(source, index)
+        ids, labels = encode_example(raw[index], where, shape, fmt, tokenizer, data_args)
         trained = [i for i, label in zip(ids, labels) if label != IGNORE]
         if options.format == "json":
             out.write(json.dumps({"text": tokenizer.decode(ids), "train_text": tokenizer.decode(trained),
                                   "n_tokens": len(ids), "n_train_tokens": len(trained)}, ensure_ascii=False) + "\n")
             continue
-        out.write(f"── {source} row {index} · {fmt.name} · {len(ids)} tokens, {len(trained)} trained ──\n")
+        out.write(f"── {where} · {fmt.name} · {len(ids)} tokens, {len(trained)} trained ──\n")
         for text, is_trained in segments(tokenizer, ids, labels):
             out.write((f"{GREEN}⟦{text}⟧{RESET}" if color else f"⟦{text}⟧") if is_trained else text)
         out.write("\n\n")

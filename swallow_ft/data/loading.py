@@ -5,16 +5,24 @@ The reference's HF run_clm took the *first* column, which for camel-ai/math is `
 row becomes a conversation in the model's own prompt format, with loss on the replies only.
 """
 
+import functools
+import hashlib
 import logging
+import os
+import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
 
 from swallow_ft.arguments import DataTrainingArguments
+from swallow_ft.data import encoding, shapes, templates
 from swallow_ft.data.encoding import IGNORE, encode
+from swallow_ft.data.fingerprint import map_fingerprint
 from swallow_ft.data.packing import PackedCollator, pack, packing_efficiency
 from swallow_ft.data.shapes import BadRow, detect_shape, to_conversation
 from swallow_ft.data.templates import FORMATS, PromptFormat, choose_format
@@ -23,6 +31,8 @@ from swallow_ft.errors import UserError
 logger = logging.getLogger("swallow_ft.data")
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The modules whose code decides an example's tokens (encode_example here included): part of the cache key.
+TOKEN_CODE = (sys.modules[__name__], shapes, templates, encoding)
 
 
 @dataclass
@@ -33,6 +43,11 @@ class PreparedData:
     shape: str
     packing_efficiency: Optional[float] = None
     block_size: Optional[int] = None
+    system_prompt: Optional[str] = None  # the one trained with: --system_prompt or the format's default
+
+    def prompt_settings(self) -> Dict[str, Optional[str]]:
+        """How prompts were rendered, for a checkpoint's user_data: compare renders its prompts the same way."""
+        return {"prompt_format": self.prompt_format.name, "system_prompt": self.system_prompt}
 
 
 def _builder_for(path: str) -> str:
@@ -62,6 +77,42 @@ def source_name(data_args: DataTrainingArguments, split: str) -> str:
     return data_args.validation_file if split == "validation" else data_args.train_file
 
 
+def row_name(source: str, index: int) -> str:
+    """How messages name row `index` (0-based) of a source: in a local JSON Lines file its 1-based line, what an
+    editor shows; elsewhere (a CSV under its header, a JSON array, a Hub split) the index, said to be 0-based."""
+    if source.endswith(".jsonl"):
+        try:
+            stat = os.stat(source)
+        except OSError:
+            stat = None
+        if stat is not None:
+            return f"{source} line {_line_of(index, _blank_lines(source, stat.st_mtime_ns, stat.st_size))}"
+    return f"{source} row {index} (0-based)"
+
+
+@functools.lru_cache(maxsize=8)
+def _blank_lines(path: str, mtime_ns: int, size: int) -> Tuple[int, ...]:
+    """The 1-based numbers of blank lines, which the JSON reader skips without giving them a row.
+    Keyed on mtime and size too, so that an edited file is read again."""
+    with open(path, "rb") as f:
+        return tuple(number for number, line in enumerate(f, 1) if not line.strip())
+
+
+def _line_of(index: int, blank_lines: Sequence[int]) -> int:
+    line = index + 1
+    for blank in blank_lines:  # sorted: each blank line at or before the row pushes it one line down
+        if blank > line:
+            break
+        line += 1
+    return line
+
+
+def example_key(input_ids: Sequence[int], labels: Sequence[int]) -> int:
+    """A 64-bit digest of an example's tokens and labels: equal keys mean identical examples."""
+    digest = hashlib.blake2b(array("q", list(input_ids) + list(labels)).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def encode_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, data_args: DataTrainingArguments):
     """One dataset row -> (input_ids, labels), exactly as training sees it (before truncation)."""
     conv = to_conversation(row, shape, where)
@@ -76,12 +127,12 @@ def encode_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, da
 
 def encode_split(dataset: Dataset, source: str, shape: str, fmt: PromptFormat, tokenizer,
                  data_args: DataTrainingArguments, block_size: int) -> Dataset:
-    """Rows -> input_ids/labels plus bookkeeping columns (n_train, truncated, bad)."""
+    """Rows -> input_ids/labels plus bookkeeping columns (n_train, truncated, bad) and `key` (example_key)."""
     def encode_rows(batch, indices):
-        out = {"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": []}
+        out = {"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": [], "key": []}
         for values, index in zip(zip(*batch.values()), indices):
             try:
-                ids, labels = encode_example(dict(zip(batch, values)), f"{source} row {index}", shape, fmt,
+                ids, labels = encode_example(dict(zip(batch, values)), row_name(source, index), shape, fmt,
                                              tokenizer, data_args)
                 bad = False
             except BadRow:
@@ -95,10 +146,12 @@ def encode_split(dataset: Dataset, source: str, shape: str, fmt: PromptFormat, t
             out["n_train"].append(sum(label != IGNORE for label in labels))
             out["truncated"].append(truncated)
             out["bad"].append(bad)
+            out["key"].append(example_key(ids, labels))
         return out
 
     return dataset.map(encode_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
                        num_proc=data_args.preprocessing_num_workers,
+                       new_fingerprint=map_fingerprint(dataset, encode_rows, TOKEN_CODE),
                        load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenising {source}")
 
 
@@ -124,6 +177,33 @@ def keep_trainable(dataset: Dataset, source: str, data_args: DataTrainingArgumen
     return kept
 
 
+def without_leaks(validation: Dataset, train: Dataset, source: str, held_out: bool) -> Dataset:
+    """Validation examples identical (token for token) to a training example measure recall, not generalisation.
+
+    A split held out here drops them, since getting that split right is ours to do; a --validation_file is the
+    user's benchmark and is kept as given, with a warning. Either way the count is logged.
+    """
+    def keys(dataset):
+        return np.asarray(dataset.with_format("numpy")["key"])
+
+    leaked = np.isin(keys(validation), keys(train))
+    count = int(leaked.sum())
+    if not count:
+        return validation
+    if not held_out:
+        logger.warning("%s: %d of %d validation examples are identical (token for token) to a training example, so "
+                       "eval_loss partly measures recall; remove them from the validation file", source, count,
+                       len(validation))
+        return validation
+    logger.warning("%s: dropped %d of %d held-out validation examples identical (token for token) to a training "
+                   "example, so that eval_loss measures unseen data; deduplicate the data to keep them", source, count,
+                   len(validation))
+    if count == len(validation):
+        raise UserError(f"{source}: every held-out validation example duplicates a training example; deduplicate "
+                        "the data or give a --validation_file")
+    return validation.select(np.flatnonzero(~leaked))
+
+
 def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArguments,
                    tokenizer: PreTrainedTokenizerBase, model_name: str, cache_dir=None) -> PreparedData:
     raw = load_raw_datasets(data_args, cache_dir)
@@ -138,16 +218,21 @@ def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArgu
         splits = {split: keep_trainable(encode_split(ds, source_name(data_args, split), shape, fmt, tokenizer,
                                                      data_args, block_size), source_name(data_args, split), data_args)
                   for split, ds in raw.items() if split in ("train", "validation")}
-    if "validation" not in splits:
+    held_out = "validation" not in splits
+    if held_out:
         if not 0 < data_args.validation_split_percentage < 100:
             raise UserError("no validation split: give --validation_file or a --validation_split_percentage in 1..99")
-        held_out = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
-        splits = {"train": held_out["train"], "validation": held_out["test"]}
+        split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
+        splits = {"train": split["train"], "validation": split["test"]}
     if data_args.max_train_samples:
         splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+    # Against the examples actually trained on, and before max_eval_samples so that it still gives that many.
+    validation_source = f"{train_source} (held out)" if held_out else source_name(data_args, "validation")
+    splits["validation"] = without_leaks(splits["validation"], splits["train"], validation_source, held_out)
     if data_args.max_eval_samples:
         splits["validation"] = splits["validation"].select(
             range(min(data_args.max_eval_samples, len(splits["validation"]))))
+    splits = {name: ds.remove_columns("key") for name, ds in splits.items()}
     logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
                 train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
 
@@ -157,7 +242,8 @@ def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArgu
         efficiency = packing_efficiency(splits["train"], block_size)
         logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
                     len(splits["train"]), block_size, 100 * efficiency)
-    return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency, block_size)
+    return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency, block_size,
+                        fmt.system_prompt(data_args.system_prompt))
 
 
 def build_collator(tokenizer: PreTrainedTokenizerBase, packing: bool, width: Optional[int] = None):

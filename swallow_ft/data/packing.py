@@ -5,12 +5,14 @@ attn_implementation="sdpa" (and use_cache=False) transformers 5 turns that into 
 causal mask, so each example only ever sees itself. tests/test_packing.py checks the logits.
 """
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
 from datasets import Dataset
 
 from swallow_ft.data.encoding import IGNORE
+from swallow_ft.data.fingerprint import map_fingerprint
 
 # First-fit decreasing runs over groups of this many examples: good packing, bounded memory.
 PACKING_GROUP = 2000
@@ -43,7 +45,9 @@ def pack(dataset: Dataset, block_size: int) -> Dataset:
                 rows["position_ids"][-1] += list(range(len(batch["input_ids"][i])))
         return rows
 
+    # Keyed on this module's source too: pack_group calls _first_fit_decreasing, which datasets hashes by name.
     return dataset.map(pack_group, batched=True, batch_size=PACKING_GROUP, remove_columns=dataset.column_names,
+                       new_fingerprint=map_fingerprint(dataset, pack_group, [sys.modules[__name__]]),
                        desc=f"Packing into rows of {block_size}")
 
 

@@ -1,7 +1,8 @@
 """Dataset shapes: recognise a dataset by its columns and turn each row into a Conversation.
 
-Every row is checked here, before any tokenising or weights, and a bad one is reported with its index
-in the source file and the fix (or skipped and counted under --skip_bad_rows).
+Every row is checked here, before any tokenising or weights, and a bad one is reported with where it
+is (loading.row_name: a .jsonl file's line, otherwise the 0-based row) and the fix (or skipped and
+counted under --skip_bad_rows).
 """
 
 from typing import Any, Dict, List, Optional

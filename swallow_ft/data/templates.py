@@ -61,6 +61,14 @@ class PromptFormat:
     render: Callable  # (conversation, tokenizer, system_prompt, for_generation) -> List[Piece]
     # chat templates write special tokens as text ("<s>"), so their text must be parsed for them
     literal_specials: bool = False
+    default_system: Optional[str] = None  # what render uses when --system_prompt is not given
+    takes_system: bool = True  # False: render ignores --system_prompt
+
+    def system_prompt(self, requested: Optional[str]) -> Optional[str]:
+        """The system prompt this format renders for --system_prompt `requested` (None: not given)."""
+        if not self.takes_system:
+            return None
+        return self.default_system if requested is None else requested
 
 
 def _require_chat(conv: Conversation, fmt: str) -> None:
@@ -80,9 +88,7 @@ def _open_turns(conv: Conversation, for_generation: bool) -> List[tuple]:
 def render_llama2_chat(conv, tokenizer, system_prompt, for_generation=False) -> List[Piece]:
     """Swallow-*-instruct-v0.1: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {reply} </s>`."""
     _require_chat(conv, "swallow-instruct-v0.1")
-    if system_prompt is None:
-        system_prompt = SWALLOW_SYSTEM_PROMPT
-    system = conv.system if conv.system is not None else system_prompt
+    system = conv.system if conv.system is not None else FORMATS["swallow-instruct-v0.1"].system_prompt(system_prompt)
     pieces: List[Piece] = []
     for i, (user, reply) in enumerate(_open_turns(conv, for_generation)):
         if i == 0 and conv.input:
@@ -171,11 +177,12 @@ def render_raw(conv, tokenizer, system_prompt, for_generation=False) -> List[Pie
 
 
 FORMATS = {
-    "swallow-instruct-v0.1": PromptFormat("swallow-instruct-v0.1", render_llama2_chat),
-    "swallow-instruct-v0": PromptFormat("swallow-instruct-v0", render_alpaca_ja),
+    "swallow-instruct-v0.1": PromptFormat("swallow-instruct-v0.1", render_llama2_chat,
+                                          default_system=SWALLOW_SYSTEM_PROMPT),
+    "swallow-instruct-v0": PromptFormat("swallow-instruct-v0", render_alpaca_ja, takes_system=False),
     "llama3": PromptFormat("llama3", render_llama3),
     "chat_template": PromptFormat("chat_template", render_chat_template, literal_specials=True),
-    "none": PromptFormat("none", render_raw),
+    "none": PromptFormat("none", render_raw, takes_system=False),
 }
 
 
