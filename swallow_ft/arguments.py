@@ -7,6 +7,7 @@ occurrence): the entrypoint's arguments after `run_clm.py`, `hyperparameters.tra
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,12 +36,13 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
     torch_dtype: Optional[str] = field(
         default=None,
-        metadata={"help": "dtype of the loaded base weights (default: follow --bf16/--fp16, else the checkpoint's).",
+        metadata={"help": "dtype of the loaded base weights (default: 16 bits under --bf16/--fp16 for a LoRA base or "
+                          "under DeepSpeed, else float32).",
                   "choices": ["auto", "bfloat16", "float16", "float32"]})
     attn_implementation: str = field(
         default="auto",
-        metadata={"help": "Attention kernel. auto: flex_attention for packed rows on a GPU (not under ZeRO-3), "
-                          "else sdpa.", "choices": list(ATTENTION_KERNELS)})
+        metadata={"help": "Attention kernel. auto: flex_attention for packed rows on an Ampere or newer GPU (not "
+                          "under ZeRO-3), else sdpa.", "choices": list(ATTENTION_KERNELS)})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped in the model repo. Off: Swallow needs none."})
     use_lora: bool = field(
@@ -132,10 +134,22 @@ def known_flags() -> List[str]:
     return sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
 
 
+FLAG_NAME = re.compile(r"--[A-Za-z_][\w-]*$")
+
+
+def split_equals(args: Sequence[str]) -> List[str]:
+    """--flag=value as --flag value, the form every check here looks for (argparse takes both)."""
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        out += [name, value] if eq and FLAG_NAME.match(name) else [arg]
+    return out
+
+
 def normalize_flags(args: Sequence[str]) -> List[str]:
     """Map renamed flags to their new names and refuse removed ones with the replacement."""
     out = []
-    for arg in args:
+    for arg in split_equals(args):
         name, eq, value = arg.partition("=")
         if name in REMOVED_FLAGS:
             raise UserError(f"{name} no longer exists in transformers 5: remove it ({REMOVED_FLAGS[name]})")
@@ -159,7 +173,7 @@ def parse_input_arguments(
     args = list(sys.argv[1:] if argv is None else argv)
     args.extend(dict2args(hparams.get("training_arguments") or {}))
     args = normalize_flags(args)
-    if "--deepspeed" in args:
+    if _given(args, "--deepspeed"):
         args = _apply_dsat_overwrites(args, hparams)
     try:
         model_args, data_args, training_args, unknown = _Parser(DATACLASSES).parse_args_into_dataclasses(
@@ -174,9 +188,9 @@ def parse_input_arguments(
         # Non-reentrant checkpointing works with frozen (LoRA) inputs without enable_input_require_grads.
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
         training_args.gradient_checkpointing_kwargs = training_args.activation_checkpointing_kwargs
-    if "--include_num_input_tokens_seen" not in args:
+    if not _given(args, "--include_num_input_tokens_seen"):
         training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
-    if "--logging_nan_inf_filter" not in args:
+    if not _given(args, "--logging_nan_inf_filter"):
         # The filter reads every micro-step's loss on the host, which makes the host wait for the GPU's backward before
         # it may queue the optimizer step; without it a diverged run logs nan instead of hiding it.
         training_args.logging_nan_inf_filter = False
@@ -187,8 +201,16 @@ def parse_input_arguments(
         os.environ.setdefault(REGIONAL_COMPILATION, "true")
         if training_args.use_liger_kernel and training_args.liger_kernel_config is None:
             training_args.liger_kernel_config = dict(LIGER_UNDER_COMPILE)
+    for paths, key in ((model_args, "model_name_or_path"), (model_args, "tokenizer_name"), (model_args, "cache_dir")):
+        value = getattr(paths, key)
+        if value and value.startswith("~"):  # a YAML value or --flag=~/x reaches us without a shell to expand it
+            setattr(paths, key, os.path.expanduser(value))
     check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def _given(args: Sequence[str], flag: str) -> bool:
+    return flag in split_equals(args)
 
 
 def _apply_dsat_overwrites(args: List[str], hparams: Dict[str, Any]) -> List[str]:

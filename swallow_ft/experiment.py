@@ -69,10 +69,10 @@ class Experiment:
 
     def flags(self, overrides: Sequence[str]) -> List[str]:
         """What a local trial passes to run_clm.py: entrypoint flags, then training_arguments."""
-        from swallow_ft.arguments import dict2args
+        from swallow_ft.arguments import dict2args, split_equals
 
         hparams = self.hparams_for_local_run(overrides)
-        return self.script_args() + dict2args(hparams.get("training_arguments") or {})
+        return split_equals(self.script_args()) + dict2args(hparams.get("training_arguments") or {})
 
     def uses_deepspeed_launcher(self) -> bool:
         return "determined.launch.deepspeed" in self.entrypoint_tokens()

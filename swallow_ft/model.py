@@ -19,7 +19,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "
 
 def check_local_model_path(name: str) -> None:
     """A path that does not exist would otherwise be sent to the Hub as a repo id."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+    if name.startswith((".", "/", "~")) and not Path(name).is_dir():
         hint = " (run `make tiny` to build it)" if "tiny-swallow" in name else ""
         raise UserError(f"--model_name_or_path {name}: no such directory{hint}")
 
@@ -44,14 +44,23 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 
 
 def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments):
+    """The dtype the base weights load in: --torch_dtype, else 16 bits under --bf16/--fp16 where something else
+    keeps fp32 weights for the optimizer (a frozen LoRA base: the adapters stay fp32; DeepSpeed: its master copy),
+    else fp32. Fully trained weights in bf16 without DeepSpeed would take AdamW's updates in bf16, where most
+    updates at fine-tuning learning rates round away (and fp16 gradients make the fp16 GradScaler refuse to step);
+    in fp32 autocast still computes in 16 bits."""
     if model_args.torch_dtype == "auto":
         return "auto"
+    sixteen_bit_master = not model_args.use_lora and not training_args.deepspeed
     if model_args.torch_dtype:
-        return getattr(torch, model_args.torch_dtype)
-    if training_args.bf16:
-        return torch.bfloat16
-    if training_args.fp16:
-        return torch.float16
+        dtype = getattr(torch, model_args.torch_dtype)
+        if sixteen_bit_master and dtype in (torch.bfloat16, torch.float16):
+            logger.warning("--torch_dtype %s with full fine-tuning and no DeepSpeed: AdamW updates %s weights, "
+                           "and small updates round away; leave --torch_dtype out to train fp32 weights under "
+                           "autocast", model_args.torch_dtype, model_args.torch_dtype)
+        return dtype
+    if (training_args.bf16 or training_args.fp16) and not sixteen_bit_master:
+        return torch.bfloat16 if training_args.bf16 else torch.float16
     return torch.float32
 
 
@@ -66,10 +75,13 @@ def cpp_compiler() -> Optional[str]:
 
 
 def flex_attention_available() -> bool:
+    """flex_attention's Triton kernels on this machine's GPU. Ampere (compute capability 8.0) or newer: on older cards
+    (V100, T4) they are far slower than sdpa or do not run (pytorch/pytorch#164813)."""
     from transformers.utils import is_torch_flex_attn_available
 
     triton = importlib.util.find_spec("triton") is not None and triton_compiler() is not None
-    return torch.cuda.is_available() and is_torch_flex_attn_available() and triton
+    return (torch.cuda.is_available() and triton and is_torch_flex_attn_available()
+            and torch.cuda.get_device_capability() >= (8, 0))
 
 
 def choose_attention(requested: str, packing: bool) -> str:

@@ -34,6 +34,7 @@ from swallow_ft.errors import UserError, exit_code_of
 
 # Sustained bf16 TFLOP/s a fine-tuning step reaches (about 45% of the dense peak), and the per-GPU all-gather
 # bandwidth in GB/s inside one NVLink node; PCIe for offload traffic.
+NO_BF16 = {"v100"}  # Volta: bf16 only emulated (torch.cuda.is_bf16_supported() still says yes)
 GPU_SPECS = {"h200": (360, 300), "h100": (350, 300), "a100": (140, 200), "a6000": (70, 25), "l40": (80, 25),
              "a10": (55, 25), "l4": (50, 25), "v100": (50, 100)}
 PCIE_GBPS = 20
@@ -56,6 +57,7 @@ class Setting:
     micro_batch: int
     checkpointing: bool
     offload: bool = False
+    bf16: bool = True  # False on GPUs without bf16 (V100): fp16 with loss scaling, the _fp16 DeepSpeed configs
 
 
 @dataclass
@@ -107,7 +109,7 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
         for offload in (False, True) if zero_stage == 3 else (False,):
             for checkpointing in (False, True):
                 for micro in micro_batches:
-                    setting = Setting(zero_stage, micro, checkpointing, offload)
+                    setting = Setting(zero_stage, micro, checkpointing, offload, gpu.lower() not in NO_BF16)
                     est = memory.estimate(shape, gpus=gpus, zero_stage=zero_stage, micro_batch=micro, seq_len=seq,
                                           lora_r=lora_r if lora else None, gradient_checkpointing=checkpointing,
                                           offload_optimizer=offload, offload_params=offload,
@@ -139,8 +141,9 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
 
 
 def _liger(setting: Setting) -> bool:
-    """Liger Kernel goes on wherever it can run: its fused loss reads lm_head's whole weight, which ZeRO-3 shards."""
-    return setting.zero_stage < 3
+    """Liger Kernel goes on where it was measured to help and can run: bf16, not under ZeRO-3, whose sharded lm_head
+    weight its fused loss cannot read."""
+    return setting.zero_stage < 3 and setting.bf16
 
 
 def _batch_reason(chosen: Plan, gpus: int, exact: Optional[Plan]) -> str:
@@ -163,14 +166,14 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: 
     weights_gib = 2 * shape.total_params / memory.GiB
     reasons = []
     if s.zero_stage == 3:
-        reasons.append(f"ZeRO-3: the bf16 weights ({weights_gib:.0f} GiB) do not fit beside the rest on one "
+        reasons.append(f"ZeRO-3: the 16-bit weights ({weights_gib:.0f} GiB) do not fit beside the rest on one "
                        f"{gpu_mem:g} GiB GPU, so they are sharded {gpus} ways")
         reasons.append(f"micro-batch {s.micro_batch}: compute {chosen.compute_s * 1e3:.0f} ms per micro-step vs "
                        f"{chosen.gather_s * 1e3:.0f} ms to all-gather the weights twice "
                        f"({2 * weights_gib * (gpus - 1) / gpus:.0f} GiB per GPU); "
                        + ("compute hides it" if chosen.compute_s >= chosen.gather_s else "the gathers still dominate"))
     else:
-        reasons.append(f"no ZeRO-3: the bf16 weights ({weights_gib:.0f} GiB) fit each GPU, and sharding frozen "
+        reasons.append(f"no ZeRO-3: the 16-bit weights ({weights_gib:.0f} GiB) fit each GPU, and sharding frozen "
                        "weights would only add an all-gather to every forward and backward")
     if s.zero_stage == 2:
         reasons.append("ZeRO-2: sharding optimizer state and gradients is what makes full fine-tuning fit")
@@ -186,6 +189,9 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: 
                        f"{weights_gib / gpus:.0f} GiB per GPU for the weights alone")
     reasons.append(_batch_reason(chosen, gpus, exact))
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")
+    if not s.bf16:
+        reasons.append("fp16 with dynamic loss scaling (the _fp16 DeepSpeed configs): this GPU has no bf16, which torch "
+                       "only emulates there; Liger Kernel off, as it was measured only in bf16")
     if _liger(s):
         reasons.append("Liger Kernel on (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): with flex attention and "
                        "LoRA dropout 0 it measured +33% tokens/s and 11 GiB less than sdpa without them on an H100 "
@@ -196,13 +202,14 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: 
 def ds_config_for(setting: Setting) -> Optional[str]:
     if not setting.zero_stage:
         return None
-    return OFFLOAD_CONFIG if setting.offload else DS_CONFIGS[setting.zero_stage]
+    config = OFFLOAD_CONFIG if setting.offload else DS_CONFIGS[setting.zero_stage]
+    return config if setting.bf16 else config.replace(".json", "_fp16.json")
 
 
 def flags_for(chosen: Plan, seq: int) -> List[str]:
     s = chosen.setting
     flags = ["--per_device_train_batch_size", str(s.micro_batch), "--gradient_accumulation_steps",
-             str(chosen.accumulation), "--block_size", str(seq), "--packing", "--bf16"]
+             str(chosen.accumulation), "--block_size", str(seq), "--packing", "--bf16" if s.bf16 else "--fp16"]
     if s.checkpointing:
         flags.append("--activation_checkpointing")
     if _liger(s):

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import determined as det
 
-from swallow_ft.arguments import parse_input_arguments
+from swallow_ft.arguments import parse_input_arguments, split_equals
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
 from swallow_ft.local_core import (
@@ -125,7 +125,7 @@ def local_flags(cmd: LocalCommand, experiment: Optional[Experiment], run_dir: Pa
     if experiment is not None:
         flags += experiment.flags(cmd.overrides)
     # output_dir is scratch space, as in a trial container: checkpoints live in the storage dir.
-    return flags + ["--output_dir", str(run_dir / "output")] + cmd.overrides
+    return flags + ["--output_dir", str(run_dir / "output")] + split_equals(cmd.overrides)
 
 
 def needs_launcher(experiment: Optional[Experiment], flags: Sequence[str]) -> bool:

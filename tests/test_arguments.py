@@ -152,3 +152,12 @@ def test_no_arguments_says_how_to_start():
         "error: nothing to run: try python run_clm.py --config experiments/local_tiny.yaml "
         "(or pass run_clm.py's flags; --help lists them)")
     assert "--config EXPERIMENT.yaml" in run_clm("--help").stdout
+
+
+def test_flags_given_as_name_equals_value_count_as_given(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    model_args, _, training_args = parse_input_arguments({}, BASE[2:] + [
+        "--model_name_or_path=~/models/swallow", "--include_num_input_tokens_seen=no", "--logging_nan_inf_filter=true"])
+    assert training_args.include_num_input_tokens_seen == "no" and training_args.logging_nan_inf_filter is True
+    # No shell expands ~ in a YAML value or after =; transformers would take it for a Hub id.
+    assert model_args.model_name_or_path == "/home/someone/models/swallow"

@@ -29,6 +29,16 @@ def test_auto_picks_flex_for_packed_rows_where_flex_runs(monkeypatch):
     assert choose_attention("auto", packing=False) == "sdpa"
 
 
+@pytest.mark.parametrize("capability, available", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_flex_needs_an_ampere_or_newer_gpu(monkeypatch, capability, available):
+    """On V100/T4-class cards flex_attention is far slower than sdpa or does not run: auto keeps sdpa there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(model_module, "triton_compiler", lambda: "gcc")
+    monkeypatch.setattr(model_module.importlib.util, "find_spec", lambda name: object())
+    assert model_module.flex_attention_available() is available
+
+
 def test_auto_keeps_sdpa_under_zero3(monkeypatch):
     monkeypatch.setattr(model_module, "flex_attention_available", lambda: True)
     zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
@@ -102,3 +112,35 @@ def test_torch_compile_without_a_cpp_compiler_stops_before_weights_load(tiny_mod
     check_kernels(model_args, training_args, {}, found, "run_clm.py", on_this_machine=True)
     assert found.problems == ["run_clm.py: --torch_compile on CPU builds C++ kernels, which needs a C++ compiler, "
                               "and there is none (CXX, g++, clang++): install g++, or drop --torch_compile"]
+
+
+@pytest.mark.parametrize("flags, deepspeed, expected", [
+    (["--use_lora", "--bf16"], None, torch.bfloat16),  # a frozen base: the fp32 adapters are what AdamW updates
+    (["--use_lora", "--fp16"], None, torch.float16),
+    (["--bf16"], "ds_configs/ds_config_stage_2.json", torch.bfloat16),  # DeepSpeed keeps fp32 master weights
+    (["--bf16"], None, torch.float32),  # full fine-tuning, nothing else keeps fp32 weights: autocast computes in bf16
+    (["--fp16"], None, torch.float32),  # fp16 weights would also make the GradScaler refuse their gradients
+    (["--bf16", "--torch_dtype", "bfloat16"], None, torch.bfloat16),  # asked for: kept, with a warning
+    ([], None, torch.float32),
+])
+def test_base_weights_load_in_16_bits_only_where_fp32_weights_are_kept_elsewhere(flags, deepspeed, expected, caplog):
+    model_args, _, training_args = parse_input_arguments({}, ["--model_name_or_path", "m", "--train_file",
+                                                               "data/camel_math_ja.jsonl", "--output_dir", "out",
+                                                               "--use_cpu", "true", *flags])
+    training_args.deepspeed = deepspeed  # the dtype rule reads only whether DeepSpeed is on
+    assert model_module.resolve_dtype(model_args, training_args) == expected
+    assert ("small updates round away" in caplog.text) == ("--torch_dtype" in flags)
+
+
+def test_a_lora_on_lm_head_with_liger_is_refused_before_weights_load(tmp_path):
+    """Liger's fused loss multiplies by lm_head.weight itself: peft's adapter on lm_head would get no gradient."""
+    from swallow_ft.preflight import Findings, check_kernels
+
+    model_args, _, training_args = parse_input_arguments({}, [
+        "--model_name_or_path", "m", "--train_file", "data/chat_ja.jsonl", "--output_dir", str(tmp_path),
+        "--use_lora", "--lora_target_modules", "q_proj,v_proj,lm_head", "--use_liger_kernel"])
+    found = Findings()
+    check_kernels(model_args, training_args, {}, found, "exp.yaml", on_this_machine=False)
+    assert found.problems == ["exp.yaml: --lora_target_modules lm_head with --use_liger_kernel: Liger's fused loss "
+                              "reads lm_head's base weight, so that adapter would never train; drop lm_head or "
+                              "--use_liger_kernel"]

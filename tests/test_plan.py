@@ -1,5 +1,6 @@
 """The planner: what it picks for Swallow sizes, why, and that the shipped YAMLs carry its choices."""
 
+import json
 import shutil
 
 import pytest
@@ -192,3 +193,17 @@ def test_cli_says_a_mistyped_model_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --model tokyotech-llm/Swallow-70b-instrct-v0.1 is not a known Swallow model id")
     assert err.count("\n") == 1
+
+
+def test_a_gpu_without_bf16_gets_fp16_configs_and_no_liger():
+    for gpus, gpu_mem, offload in ((4, 80, False), (2, 32, True)):
+        chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=gpus, gpu_mem=gpu_mem, seq=2048, lora=True, global_batch=64,
+                      gpu="v100")
+        flags = flags_for(chosen, 2048)
+        config = flags[flags.index("--deepspeed") + 1]
+        assert "--fp16" in flags and "--bf16" not in flags and "--use_liger_kernel" not in flags
+        assert config.endswith("_fp16.json") and (REPO / config).is_file() and chosen.setting.offload is offload
+        assert json.loads((REPO / config).read_text())["fp16"]["enabled"] == "auto"
+        assert any("this GPU has no bf16" in r for r in chosen.reasons)
+    single = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=32, seq=2048, lora=True, global_batch=64, gpu="v100")
+    assert "--fp16" in flags_for(single, 2048) and single.setting.zero_stage == 0
