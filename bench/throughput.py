@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -165,8 +166,10 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     if data_args.packing:
         train = pack(train, r["seq"])
     efficiency = packing_efficiency(train, r["seq"]) if data_args.packing else None
-    collator = Counting(build_collator(tokenizer, packing=data_args.packing, width=r["seq"] if r["compile"] else None),
-                        pad)
+    # Packed batches at one width: the last rows of skewed data are a token or two short, and flex attention, compiled
+    # by transformers, would recompile for the second width, maybe inside a measured step.
+    collator = Counting(build_collator(tokenizer, packing=data_args.packing,
+                                       width=r["seq"] if data_args.packing or r["compile"] else None), pad)
     logging_dir = work / "det"
     core = det.core._dummy_init(distributed=runtime.distributed_context(), checkpoint_storage=str(logging_dir / "ckpt"))
     core.train = LocalTrainContext(logging_dir / "metrics.jsonl", logging_dir / "tensorboard")
@@ -197,6 +200,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
            # from the first measured step's start to the last one's end, gaps included
            "wall_s": timer.spans[measured][-1][1] - timer.spans[measured][0][0],
            "step_time": statistics.median(times),
+           "max_step_s": max(times),  # far above the median: a recompile or allocator stall inside the measured steps
            "warmup_s": sum(timer.times[:r["warmup"]]),  # includes the compile of compiled recipes
            "fill_efficiency": collator.real / max(collator.slots, 1), "packing_efficiency": efficiency,
            # the callback's step clock (CUDA events, no sync; what the Web UI's tokens/s divides by) over this
@@ -225,7 +229,7 @@ def compiled_regions(model):
     return "layers" if any(isinstance(m, OptimizedModule) for m in model.modules()) else None
 
 
-def run_in_child(name, r, model_dir, work, args, data):
+def run_in_child(name, r, model_dir, work, args, data, deadline=None):
     """Run one recipe in a child process and read its row back. DeepSpeed needs a process group, so it runs under
     torchrun with one process; Liger patches transformers' modules globally, so it must not leak into other rows."""
     out = work / f"{safe(name)}-{data}.row.json"
@@ -240,9 +244,16 @@ def run_in_child(name, r, model_dir, work, args, data):
            "the compiler's caches and recompile limits are per process, running it in its own" if r["compile"] else
            "running it in its own process")
     print(f"[bench] {name}: {why}", file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **r["env"]})
-    if result.returncode != 0 or not out.exists():
-        raise RuntimeError(f"its child process failed (exit {result.returncode}); its output is above")
+    # Its own session, so that a recipe past the deadline is killed with everything it started (torchrun's ranks).
+    child = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **r["env"]}, start_new_session=True)
+    try:
+        returncode = child.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise TimeoutError("killed at --deadline; its output is above") from None
+    if returncode != 0 or not out.exists():
+        raise RuntimeError(f"its child process failed (exit {returncode}); its output is above")
     return json.loads(out.read_text())
 
 
@@ -290,9 +301,12 @@ def matmul_ceiling():
     [a @ b for _ in range(3)]  # warm-up
     sync()
     t0 = time.perf_counter()
-    [a @ b for _ in range(iters)]
+    products = [a @ b for _ in range(iters)]
     sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    del a, b, products
+    free_gpu()  # 2.7 GiB the allocator would otherwise keep from the recipes
+    return 2 * n ** 3 * iters / seconds
 
 
 def table(rows):
@@ -348,6 +362,9 @@ def main(argv=None):
                    help="where the profile tables go (default: next to --json, else here)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no recipe after this many seconds (the ones left are listed as skipped)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time by which everything must be done: a recipe starts only if the time left is "
+                        "1.5x the longest so far (at least 60 s), and one in its own process is killed at it")
     for hidden in ("--_child", "--_model_dir", "--_row_out", "--_work"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -379,19 +396,25 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="swallow-bench-", dir=args.workdir))
     distributed = "LOCAL_RANK" in os.environ  # already under torchrun/deepspeed: all in-process
     isolate = False  # set once an in-process recipe leaves GPU memory behind: the rest run in their own processes
+    longest = 0.0  # seconds of the longest recipe so far, to judge whether the next one fits before --deadline
     try:
         model_dir = build_model_dir(args.shape, args.model_dir or work / "model")
         for data in datas:
             for name, r in planned:
-                if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                needed = max(60.0, 1.5 * longest) * (2 if r["compile"] else 1)
+                if args.budget_s is not None and time.monotonic() - started > args.budget_s or \
+                        args.deadline is not None and args.deadline - time.time() < needed:
                     report["skipped"].append(f"{data}:{name}")
-                    print(f"[bench] {name} on {data}: skipped, past --budget-s {args.budget_s:g}", file=sys.stderr)
+                    print(f"[bench] {name} on {data}: skipped, past --budget-s or too close to --deadline",
+                          file=sys.stderr)
                     continue
+                recipe_started = time.monotonic()
                 print(f"[bench] {name} on {data} data ({time.monotonic() - started:.0f} s in)", file=sys.stderr,
                       flush=True)
                 try:
                     own_process = r["deepspeed"] or r["liger"] or r["env"] or r["compile"] or isolate
-                    row = (run_in_child(name, r, model_dir, work, args, data) if own_process and not distributed
+                    row = (run_in_child(name, r, model_dir, work, args, data, args.deadline)
+                           if own_process and not distributed
                            else run_recipe(name, r, model_dir, work / safe(name), data, profile_dir(args)))
                     if row.get("left_allocated_gib", 0) > 1 and not own_process:
                         isolate = True
@@ -402,6 +425,7 @@ def main(argv=None):
                     row = {"recipe": name, "data": data, "error": f"{type(e).__name__}: {e}"[:300]}
                     gc.collect()
                     free_gpu()
+                longest = max(longest, time.monotonic() - recipe_started)
                 print(f"[bench] row: {json.dumps(row)}", file=sys.stderr, flush=True)
                 report["rows"].append(row)
                 write_report(report, args.json)

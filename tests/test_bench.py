@@ -1,10 +1,12 @@
 """bench/throughput.py on CPU: the tiny shape through the project's own training path (a smoke test, no timings)."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -116,8 +118,28 @@ def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     assert random["rows"][0]["warmup_s"] > random["rows"][0]["step_time"] * 4
     assert all(r["profile"]["aten_ops_per_step"] > 0 for r in skewed["rows"] + random["rows"])
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
-        assert "profiles/profile-default_expseg-skewed.txt" in tar.getnames()
+        assert "./profile-default_expseg-skewed.txt" in tar.getnames()
     assert "python" in (tmp_path / "versions.txt").read_text()
+    # A device run brings back only a few files: the profile tables travel packed.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profiles.tgz", "random.json", "random.log", "skewed.json",
+                                                          "skewed.log", "versions.txt"]
+
+
+def test_a_recipe_past_the_deadline_is_killed_with_its_processes(tiny_model, tmp_path):
+    """gpu.sh's one deadline: a recipe in its own process (here under torchrun, as `seed` runs) is killed at it, and
+    the caller turns that into an error row; nothing it started is left running."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import throughput
+    from recipes import resolve
+
+    args = argparse.Namespace(shape="tiny", steps=2, warmup=1, profile_steps=0, profile_dir=tmp_path, json=None)
+    r = {**resolve("seed", "tiny", quiet=True), "steps": 2, "warmup": 1, "profile_steps": 0}
+    started = time.time()
+    with pytest.raises(TimeoutError, match="killed at --deadline"):
+        throughput.run_in_child("seed", r, tiny_model, tmp_path, args, "random", deadline=started + 3)
+    assert time.time() - started < 30
+    left = subprocess.run(["pgrep", "-f", f"--_work {tmp_path}"], capture_output=True, text=True)
+    assert left.stdout == ""
 
 
 def test_trainer_overhead_script_measures_the_bookkeeping_calls():
