@@ -10,7 +10,14 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
+# transformers 5.24 needs Python >= 3.11: say so before pip stops at "No matching distribution found" for it.
+# (%-formatting, not an f-string, so that even an old interpreter gets as far as printing the message.)
+PYTHON_CHECK := import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else "error: $(PYTHON) is Python %d.%d \
+	and transformers 5.24 needs Python >= 3.11: install one and run make PYTHON=python3.11 $(or $(MAKECMDGOALS),install)" \
+	% (v[0], v[1]))
+
 $(INSTALLED): requirements.txt requirements-local.txt
+	@$(PYTHON) -c '$(PYTHON_CHECK)'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-local.txt
 	touch $@

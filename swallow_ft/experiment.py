@@ -4,7 +4,8 @@ On a cluster the master does this: it samples the hyperparameters and runs the e
 take the same file and do the parts a single trial needs, so one YAML serves both modes.
 """
 
-import shlex
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,6 +16,101 @@ from swallow_ft.errors import UserError
 
 SEARCHED_TYPES = ("int", "double", "log", "categorical")
 SCRIPT_NAME = "run_clm.py"
+ONE_COMMAND = f"python -m determined.launch.… python {SCRIPT_NAME} …"
+# One piece of a string entrypoint, as sh reads it outside quotes (DOTALL: an escaped character may be a newline).
+SH_TOKEN = re.compile(r"""
+    (?P<continuation>\\\n)
+  | (?P<newline>\n)
+  | (?P<blank>[ \t]+)
+  | (?P<single>'[^']*')
+  | (?P<double>"(?:[^"\\]|\\.)*")
+  | (?P<escaped>\\.)
+  | (?P<substitution>\$\(|`)
+  | (?P<operator>[;&|<>()]+)
+  | (?P<unclosed>['"])
+  | (?P<text>(?:[^ \t\n'"\\;&|<>()`$]|\$(?!\())+|\\)
+""", re.VERBOSE | re.DOTALL)
+# Inside double quotes a backslash escapes only these, and $ still expands.
+SH_DOUBLE_QUOTED = re.compile(r"""
+    (?P<continuation>\\\n)
+  | (?P<escaped>\\[$`"\\])
+  | (?P<substitution>\$\(|`)
+  | (?P<text>(?:[^\\$`]|\$(?!\())+|\\)
+""", re.VERBOSE | re.DOTALL)
+
+
+def shell_words(text: str, where: str, expand: bool = True) -> List[str]:
+    """Split a string entrypoint into words as the cluster's `sh -c` does (Determined runs a string that way).
+
+    Quotes and backslashes follow sh; backslash-newline joins two lines (the ends of a YAML `|` block's lines);
+    `#` at the start of a word begins a comment; $VAR, ${VAR} and a leading ~ expand outside single quotes.
+    They expand from this process's environment: locally the local one, where the cluster would use the
+    container's. As with os.path.expandvars, an unset variable stays as written, and a value is not split into
+    several words. Whatever would make sh run more than one command or redirect one (operators, command
+    substitution, a second line) is refused: there is no shell here to run it, and dropping it would train
+    something else than the cluster does.
+    """
+    words: List[str] = []
+    parts: List[tuple] = []  # the current word: (text, expands)
+    started = ended_line = False  # a word is open; a line with words is behind us
+
+    def refuse(what: str) -> None:
+        raise UserError(f"{where}: {what}, and locally the entrypoint must be one command "
+                        f"({ONE_COMMAND}): move the rest into startup-hook.sh or a script of its own")
+
+    def add(piece: str, expands: bool) -> None:
+        nonlocal started
+        if ended_line:
+            refuse("a second line is a second command to sh (end a line with \\ to continue it)")
+        started = True
+        parts.append((piece, expands))
+
+    def end_word() -> None:
+        nonlocal started
+        if started:
+            words.append(_expand(parts) if expand else "".join(piece for piece, _ in parts))
+        parts.clear()
+        started = False
+
+    pos = 0
+    while pos < len(text):
+        m = SH_TOKEN.match(text, pos)
+        kind, piece = m.lastgroup, m.group()
+        pos = m.end()
+        if kind == "text" and piece.startswith("#") and not started:
+            end = text.find("\n", pos)  # a comment, to the end of the line
+            pos = len(text) if end < 0 else end
+        elif kind in ("blank", "newline"):
+            end_word()
+            ended_line = ended_line or (kind == "newline" and bool(words))
+        elif kind in ("operator", "substitution"):
+            refuse(f"'{piece}' is shell syntax" + (" (command substitution)" if kind == "substitution" else ""))
+        elif kind == "unclosed":
+            raise UserError(f"{where}: unmatched {piece}: close the quote")
+        elif kind == "single":
+            add(piece[1:-1], False)
+        elif kind == "escaped":
+            add(piece[1], False)
+        elif kind == "double":
+            add("", False)  # "" is an (empty) word of its own
+            for inner in SH_DOUBLE_QUOTED.finditer(piece[1:-1]):
+                if inner.lastgroup == "substitution":
+                    refuse(f"'{inner.group()}' is shell syntax (command substitution)")
+                if inner.lastgroup != "continuation":
+                    add(inner.group()[-1] if inner.lastgroup == "escaped" else inner.group(),
+                        inner.lastgroup == "text")
+        elif kind == "text":
+            add(piece, True)
+        # kind == "continuation": sh removes the backslash and the newline, joining the lines
+    end_word()
+    return words
+
+
+def _expand(parts: List[tuple]) -> str:
+    """One word's text, with variables expanded in its unquoted and double-quoted pieces and a leading ~."""
+    word = "".join(os.path.expandvars(piece) if expands else piece for piece, expands in parts)
+    tilde = parts[0][1] and parts[0][0].startswith("~")  # sh expands only an unquoted ~
+    return os.path.expanduser(word) if tilde else word
 
 
 @dataclass
@@ -41,27 +137,33 @@ class Experiment:
 
     @property
     def slots_per_trial(self) -> int:
-        slots = (self.config.get("resources") or {}).get("slots_per_trial", 1)
-        if not isinstance(slots, int) or slots < 1:
-            raise UserError(f"{self.path}: resources.slots_per_trial must be a positive integer, got {slots!r}")
-        return slots
+        """Processes for a local trial. The master takes 0 (a trial on CPUs, one process) and null (the default,
+        1); both run one process here."""
+        slots = (self.config.get("resources") or {}).get("slots_per_trial")
+        if slots is None:
+            return 1
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise UserError(f"{self.path}: resources.slots_per_trial must be an integer >= 0 (0: one process "
+                            f"without a GPU), got {slots!r}")
+        return max(slots, 1)
 
     @property
     def searcher(self) -> Dict[str, Any]:
         return self.config.get("searcher") or {}
 
-    def entrypoint_tokens(self) -> List[str]:
+    def entrypoint_tokens(self, expand: bool = True) -> List[str]:
+        """expand=False keeps $VAR and ~ as written, for rewriting the file (python -m swallow_ft.plan --write)."""
         entrypoint = self.config.get("entrypoint")
-        if isinstance(entrypoint, str):
-            return shlex.split(entrypoint)
+        if isinstance(entrypoint, str):  # the cluster runs it with `sh -c`
+            return shell_words(entrypoint, f"{self.path}: entrypoint", expand)
         if isinstance(entrypoint, list) and all(isinstance(t, str) for t in entrypoint):
-            return list(entrypoint)
+            return list(entrypoint)  # the cluster runs a list as it is, without a shell: nothing expands
         raise UserError(f"{self.path}: entrypoint must be a string or a list of strings, e.g. "
                         f"'python -m determined.launch.deepspeed python {SCRIPT_NAME} --model_name_or_path ...'")
 
-    def script_args(self) -> List[str]:
+    def script_args(self, expand: bool = True) -> List[str]:
         """The flags after run_clm.py in the entrypoint."""
-        tokens = self.entrypoint_tokens()
+        tokens = self.entrypoint_tokens(expand)
         for i, token in enumerate(tokens):
             if Path(token).name == SCRIPT_NAME:
                 return tokens[i + 1:]

@@ -168,3 +168,39 @@ class SignalPreemptContext(core.DummyPreemptContext):
         if self._dist.rank == 0:
             answer = self.signalled or bool(self.flag_file and self.flag_file.exists())
         return bool(answer if self._dist.size == 1 else self._dist.broadcast(answer))
+
+
+# Flags that change how a run is driven, not what it trains: a resumed run may change them.
+RESUMABLE_FLAGS = {
+    "--max_steps", "--num_train_epochs", "--logging_steps", "--eval_steps", "--save_steps", "--save_total_limit",
+    "--eval_strategy", "--save_strategy", "--logging_strategy", "--report_to", "--disable_tqdm", "--output_dir",
+    "--use_cpu", "--ddp_backend", "--dataloader_num_workers", "--preprocessing_num_workers", "--overwrite_cache",
+    "--per_device_eval_batch_size", "--max_eval_samples", "--logging_nan_inf_filter", "--include_num_input_tokens_seen",
+    "--attn_implementation", "--use_liger_kernel", "--torch_compile", "--skip_bad_rows",
+}
+
+
+def flag_values(flags: List[str]) -> Dict[str, str]:
+    """{--flag: value} as argparse reads them (the last occurrence wins; a bare switch is "")."""
+    values: Dict[str, str] = {}
+    for i, arg in enumerate(flags):
+        if arg.startswith("--"):
+            following = flags[i + 1] if i + 1 < len(flags) else None
+            values[arg] = following if following is not None and not following.startswith("--") else ""
+    return values
+
+
+def changed_flags(recorded_path: Path, flags: List[str]) -> List[str]:
+    """What differs, other than RESUMABLE_FLAGS, between the flags a run started with and these; [] if the record
+    is missing (a run from before it was kept)."""
+    if not Path(recorded_path).exists():
+        return []
+    before, now = json.loads(Path(recorded_path).read_text()), flag_values(flags)
+    return [f"{flag} {before.get(flag, '(unset)')!s} -> {now.get(flag, '(unset)')!s}".replace(" ->  ", " -> ")
+            for flag in sorted(set(before) | set(now))
+            if flag not in RESUMABLE_FLAGS and before.get(flag) != now.get(flag)]
+
+
+def record_flags(recorded_path: Path, flags: List[str]) -> None:
+    Path(recorded_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(recorded_path).write_text(json.dumps(flag_values(flags), indent=1, sort_keys=True))

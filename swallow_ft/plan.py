@@ -232,7 +232,7 @@ def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
 
     exp = Experiment.load(path)
     kept, skip = [], 0
-    for token in exp.script_args():
+    for token in exp.script_args(expand=False):  # $VAR stays $VAR in the file
         if skip:
             skip -= 1
         elif token in PLANNED:

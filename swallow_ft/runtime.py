@@ -29,8 +29,10 @@ from swallow_ft.local_core import (
     LocalCheckpointContext,
     LocalTrainContext,
     SignalPreemptContext,
+    changed_flags,
     latest_checkpoint,
     read_jsonl,
+    record_flags,
     truncate_metrics,
 )
 from swallow_ft.preflight import startup_checks
@@ -39,6 +41,7 @@ logger = logging.getLogger("swallow_ft.runtime")
 
 LAUNCHED_ENV = "SWALLOW_FT_LAUNCHED"  # set by our torchrun re-launch, so children do not launch again
 PREEMPT_FILE_ENV = "SWALLOW_FT_PREEMPT_FILE"  # the launcher creates this file to preempt its ranks
+PORTS_ENV = "SWALLOW_FT_DET_PORTS"  # free ports for Determined's broadcast server, so two local runs can coexist
 
 
 @dataclass
@@ -94,6 +97,14 @@ def distributed_context() -> Optional[det.core.DistributedContext]:
         return None
     if "CROSS_RANK" in os.environ:  # set by the deepspeed launcher, not by torchrun
         return det.core.DistributedContext.from_deepspeed()
+    if PORTS_ENV in os.environ:  # our local relaunch: Determined's fixed ports would clash with another local run
+        pub_port, pull_port = map(int, os.environ[PORTS_ENV].split(","))
+        env = {key: int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                       "GROUP_RANK", "GROUP_WORLD_SIZE")}
+        return det.core.DistributedContext(
+            rank=env["RANK"], size=env["WORLD_SIZE"], local_rank=env["LOCAL_RANK"], local_size=env["LOCAL_WORLD_SIZE"],
+            cross_rank=env["GROUP_RANK"], cross_size=env["GROUP_WORLD_SIZE"], chief_ip="127.0.0.1",
+            pub_port=pub_port, pull_port=pull_port)
     return det.core.DistributedContext.from_torch_distributed()
 
 
@@ -165,6 +176,8 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
         if cmd.fresh:
             start_over(job)
         _remove(run_dir / "output")
+        check_same_run(job, flags)
+        check_gpus(job, flags)
     if not launched and needs_launcher(experiment, flags):
         # Fail fast, before starting N processes: everything but DeepSpeed's own set-up, which needs them.
         model_args, data_args, training_args = parse_input_arguments({}, without_deepspeed(flags))
@@ -178,6 +191,30 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
     return job
 
 
+def check_same_run(job: Job, flags: List[str]) -> None:
+    """A run is found by its name, so a rerun with other flags would resume checkpoints trained differently (or
+    "finish" at once on someone else's adapter). Its flags are kept beside its registry and compared."""
+    recorded = job.run_dir / "flags.json"
+    if latest_checkpoint(job.registry_path) is None:
+        record_flags(recorded, flags)
+        return
+    changed = changed_flags(recorded, flags)
+    if changed:
+        raise UserError(f"{job.run_dir} holds checkpoints trained with other flags ({'; '.join(changed)}): pass "
+                        "--fresh to start over, or --runs_dir DIR to keep both")
+
+
+def check_gpus(job: Job, flags: List[str]) -> None:
+    """Local ranks each take a GPU when there are GPUs: more ranks than GPUs fail in NCCL after the weights load."""
+    import torch
+
+    ranks = job.experiment.slots_per_trial if job.experiment else 1
+    if ranks > 1 and torch.cuda.is_available() and ranks > torch.cuda.device_count() and "--use_cpu" not in flags:
+        raise UserError(f"{job.experiment.path}: slots_per_trial is {ranks} but this machine has "
+                        f"{torch.cuda.device_count()} GPU(s): pass --use_cpu true --ddp_backend gloo to run the ranks "
+                        "on the CPU, or lower slots_per_trial")
+
+
 def start_over(job: Job) -> None:
     """--fresh: forget this experiment's checkpoints and metrics (and only this experiment's)."""
     if job.checkpoint_dir == job.run_dir / "checkpoints":
@@ -185,7 +222,7 @@ def start_over(job: Job) -> None:
     else:  # storage named by the YAML may hold other experiments' checkpoints too
         for row in read_jsonl(job.registry_path):
             _remove(job.checkpoint_dir / row["storage_id"])
-    for stale in (job.registry_path, job.metrics_path, job.tensorboard_dir):
+    for stale in (job.registry_path, job.metrics_path, job.tensorboard_dir, job.run_dir / "flags.json"):
         _remove(stale)
 
 
@@ -209,8 +246,8 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
     preempt_file = job.run_dir / "output" / ".preempt"
     preempt_file.parent.mkdir(parents=True, exist_ok=True)
     logger.info("launching %d processes: %s", nproc, " ".join(cmd))
-    child = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_ENV: "1", PREEMPT_FILE_ENV: str(preempt_file)},
-                             start_new_session=True, preexec_fn=_die_with_parent)
+    env = {**os.environ, LAUNCHED_ENV: "1", PREEMPT_FILE_ENV: str(preempt_file), PORTS_ENV: _free_ports(2)}
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def preempt(signum, _frame):
         if signum == signal.SIGINT and preempt_file.exists():
@@ -228,12 +265,25 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
             signal.signal(sig, handler)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: get signum when the parent dies (elsewhere a killed launcher leaves its children running)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signum)
+
+
+def _free_ports(count: int) -> str:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = ",".join(str(s.getsockname()[1]) for s in sockets)
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @contextmanager
@@ -256,6 +306,9 @@ def core_context(job: Job) -> Iterator[det.core.Context]:
     context.preempt = SignalPreemptContext(context.distributed, flag_file=os.environ.get(PREEMPT_FILE_ENV))
     if job.latest_checkpoint and context.distributed.rank == 0:
         truncate_metrics(job.metrics_path, latest_checkpoint(job.registry_path)["steps_completed"])
+    elif context.distributed.rank == 0:  # nothing to resume: what an earlier, killed attempt reported is void
+        _remove(job.metrics_path)
+        _remove(job.tensorboard_dir)
     with context:
         yield context
 
@@ -267,7 +320,12 @@ def prepare(argv: Sequence[str]) -> Job:
             raise UserError(f"run_clm.py runs as a Determined trial (det experiment create), not as a {info.task_type}")
         job = prepare_cluster(info, argv)
     else:
-        job = prepare_local(argv, launched=os.environ.get(LAUNCHED_ENV) == "1")
+        launched = os.environ.get(LAUNCHED_ENV) == "1"
+        if launched:
+            # A second Ctrl-C kills torchrun outright, and torchrun puts each rank in a session of its own, out of
+            # reach of that kill: a rank must not outlive it (and go on to save) when the user aborted.
+            _die_with_parent(signal.SIGKILL)
+        job = prepare_local(argv, launched=launched)
     if job.training_args is not None:
         startup_checks(job.model_args, job.data_args, job.training_args)
         if job.training_args.deepspeed:

@@ -94,8 +94,8 @@ def test_experiment_file_errors(tmp_path):
         Experiment.load(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="entrypoint does not run run_clm.py"):
         _experiment(tmp_path, "name: x\nentrypoint: python train.py --lr 1\n").script_args()
-    with pytest.raises(UserError, match="slots_per_trial must be a positive integer"):
-        _ = _experiment(tmp_path, "resources: {slots_per_trial: 0}\n").slots_per_trial
+    with pytest.raises(UserError, match="slots_per_trial must be an integer >= 0"):
+        _ = _experiment(tmp_path, "resources: {slots_per_trial: -1}\n").slots_per_trial
     with pytest.raises(UserError, match="not valid YAML"):
         _experiment(tmp_path, "name: [unclosed\n")
 

@@ -53,3 +53,43 @@ def test_zero3_ranks_preempt_together_and_resume_into_one_sharded_checkpoint(tin
     assert steps_reported == sorted(set(steps_reported))  # the resumed run repeated no step
     assert [s for s in steps_reported if s % 5 == 0] == [5, 10, 15, 20, 25, 30]
     assert training[-1]["loss"] < training[0]["loss"]
+
+
+def test_a_second_ctrl_c_aborts_every_rank_even_beside_another_runs_ports(tiny_model, tmp_path):
+    """Determined's broadcast server binds fixed ports (12360/12361) unless told otherwise: a second local run, or
+    anything else holding them, would break this one. And torchrun puts each rank in a session of its own, so killing
+    torchrun's process group on the second Ctrl-C used to leave the ranks running, and saving."""
+    import socket
+
+    held = []
+    for port in (12360, 12361):
+        s = socket.socket()
+        try:
+            s.bind(("", port))
+            s.listen()
+            held.append(s)
+        except OSError:  # already taken by something else: the point is made either way
+            s.close()
+    log_path = tmp_path / "run.log"
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "run_clm.py", *map(str, ARGS), "--runs_dir", str(tmp_path)],
+                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 300
+            while not registered_steps(tmp_path / "local_tiny_ds3"):
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            before = registered_steps(tmp_path / "local_tiny_ds3")
+            proc.send_signal(signal.SIGINT)  # preempt: the ranks start saving at the next step boundary
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)  # abort without saving
+            proc.wait(timeout=60)
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    survivors = subprocess.run(["pgrep", "-f", f"--runs_dir {tmp_path}"], capture_output=True, text=True).stdout
+    assert survivors == "", log_path.read_text()[-3000:]
+    time.sleep(5)  # orphaned ranks would have finished their save and registered it by now
+    assert registered_steps(tmp_path / "local_tiny_ds3") == before
+    assert "launching 2 processes" in log_path.read_text()

@@ -1,5 +1,6 @@
 """swallow_ft.expconf: every shipped experiment YAML passes the checks the Determined 0.38 master makes
-on `det experiment create`, and broken configs get a one-line message that names the key and the fix."""
+on `det experiment create`, broken configs get a one-line message that names the key and the fix, and the context
+directory it uploads leaves out what the project's commands generate."""
 import copy
 import re
 
@@ -163,3 +164,47 @@ def test_broken_configs_are_explained(config, version, path, expected):
     assert any(m.startswith(f"{path}: ") and expected in m for m in messages), messages
     assert all(MESSAGE.match(m) for m in messages), messages
     assert len(messages) == len(set(messages))
+
+
+def _uploaded(context_dir):
+    """The files `det experiment create CONFIG context_dir` would send, by Determined's own walk of .detignore."""
+    import tarfile
+
+    from determined.common.context import read_v1_context
+
+    return {f.path for f in read_v1_context(context_dir) if f.type == ord(tarfile.REGTYPE)}
+
+
+def test_generated_files_stay_out_of_the_upload(tmp_path):
+    """Whatever the Makefile, the README's commands and the tools' default outputs write into the repository root is
+    left out of the context directory; the code, experiments, data and configs are not."""
+    readme = (REPO / "README.md").read_text()
+    written = {".venv", ".cache", "runs",  # make install / make tiny / local runs
+               "checkpoints",  # where export and compare download a checkpoint UUID (export.resolve_checkpoint)
+               "comparison",  # compare's default --out
+               ".ipynb_checkpoints", ".pytest_cache", "tests"}
+    written |= {out.split("/")[0] for out in re.findall(r"--out (\S+)", readme)}  # exported/, runs/...
+    assert "exported" in written  # the README's export commands are still parsed
+    (tmp_path / ".detignore").write_bytes((REPO / ".detignore").read_bytes())
+    for top in written:
+        # export stages next to its target (.NAME.xxxx) before renaming it into place
+        for name in ("tiny-swallow-math/model.safetensors", ".tiny-swallow-math.x1/adapter_model.safetensors"):
+            (tmp_path / top / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / top / name).write_bytes(b"\0" * 1024)
+    kept = {"run_clm.py", "hf_callback.py", "startup-hook.sh", "requirements.txt", "swallow_70b_ds3.yaml",
+            "swallow_ft/experiment.py", "swallow_ft/expconf_schemas/experiment.json", "experiments/local_tiny.yaml",
+            "ds_configs/ds_config_stage_3.json", "data/chat_ja.jsonl", "scripts/check_image.py",
+            "bench/results/h100/random.json", "Finetune_Swallow_70B.ipynb"}
+    for name in kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert _uploaded(tmp_path) == kept
+
+
+def test_what_git_ignores_is_not_uploaded_either():
+    """.gitignore lists what is generated; none of it belongs in the upload."""
+    def patterns(name):  # anchored (/x/) or not (x/, **/x/): the same entry in the repository root
+        lines = (REPO / name).read_text().splitlines()
+        return {line.strip().removeprefix("**/").lstrip("/") for line in lines if line.strip()[:1] not in ("", "#")}
+
+    assert patterns(".gitignore") - patterns(".detignore") == set()

@@ -1,5 +1,6 @@
 """Local mode end to end: the experiment YAML trains tiny Swallow through real Core API contexts."""
 
+import json
 import re
 import signal
 import subprocess
@@ -119,6 +120,12 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
 def test_fresh_starts_over(tiny_model, tmp_path):
     args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 20, "--eval_steps", 10]
     assert run_clm(*args).returncode == 0
+    # A run is found by its name: other training flags would resume checkpoints trained differently.
+    other = run_clm(*args, "--learning_rate=1e-3", "--max_steps", 30)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'local_tiny'} holds checkpoints trained with other flags (--learning_rate 5e-3 -> "
+        "1e-3): pass --fresh to start over, or --runs_dir DIR to keep both")
     result = run_clm(*args, "--max_steps", 10, "--fresh")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
@@ -139,3 +146,19 @@ def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_a_run_with_nothing_to_resume_drops_what_a_killed_attempt_reported(tiny_model, tmp_path):
+    """Killed before its first checkpoint, a run left metrics that the next attempt would otherwise repeat."""
+    run_dir = tmp_path / "local_tiny"
+    run_dir.mkdir()
+    stale = {"group": "training", "steps_completed": 5, "loss": 9.9}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(stale) + "\n")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out.tfevents.stale").write_text("")
+    result = run_clm("--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 5, "--logging_steps", 5,
+                     "--eval_strategy", "no", "--save_steps", 5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert stale not in rows and [r["steps_completed"] for r in rows if r["group"] == "training"] == [5]
+    assert not (run_dir / "tensorboard" / "events.out.tfevents.stale").exists()

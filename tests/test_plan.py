@@ -207,3 +207,15 @@ def test_a_gpu_without_bf16_gets_fp16_configs_and_no_liger():
         assert any("this GPU has no bf16" in r for r in chosen.reasons)
     single = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=32, seq=2048, lora=True, global_batch=64, gpu="v100")
     assert "--fp16" in flags_for(single, 2048) and single.setting.zero_stage == 0
+
+
+def test_write_into_keeps_environment_variables_as_written(tmp_path, monkeypatch):
+    """The entrypoint is expanded for a local run; rewriting the file must not bake this machine's $HOME into it."""
+    monkeypatch.setenv("HOME", "/home/planner")
+    path = tmp_path / "exp.yaml"
+    text = (REPO / "experiments/swallow_7b.yaml").read_text()
+    path.write_text(text.replace("python run_clm.py\n", "python run_clm.py\n  --cache_dir $HOME/hf_cache\n", 1))
+    assert Experiment.load(path).script_args()[:2] == ["--cache_dir", "/home/planner/hf_cache"]
+    chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
+    write_into(path, chosen, 2048, gpus=1)
+    assert "--cache_dir $HOME/hf_cache" in path.read_text() and "/home/planner" not in path.read_text()

@@ -33,7 +33,20 @@ def test_the_check_runs_as_the_hook_runs_it_and_passes_here():
 
 def test_requirements_pin_what_this_machine_runs():
     """The trial's pins are the ones the tests ran with (deepspeed's 0.19.8 carries the ZeRO-3 checkpointing fix)."""
-    pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    requirements = [Requirement(line) for line in lines if line and not line.startswith("#")]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in requirements)
+    pins = {r.name: next(iter(r.specifier)).version for r in requirements if r.marker is None or r.marker.evaluate()}
     assert pins["deepspeed"] == "0.19.8"
     assert all(metadata.version(name) == version for name, version in pins.items())
+
+
+def test_liger_is_left_out_only_where_triton_has_no_wheels():
+    """Liger needs Triton, which has Linux wheels only: a Mac must still install requirements.txt (make demo)."""
+    from packaging.requirements import Requirement
+
+    (liger,) = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
+                if line.startswith("liger-kernel")]
+    assert liger.marker.evaluate({"sys_platform": "linux"}) and not liger.marker.evaluate({"sys_platform": "darwin"})

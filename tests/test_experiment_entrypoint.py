@@ -1,0 +1,154 @@
+"""A string entrypoint is split as the cluster's `sh -c` splits it (Determined's launch runs a string that way), and
+what sh alone could run is refused with one line; slots_per_trial takes what the master takes."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from swallow_ft.arguments import parse_input_arguments
+from swallow_ft.errors import UserError
+from swallow_ft.experiment import Experiment, shell_words
+
+LAUNCH = ["python", "-m", "determined.launch.deepspeed", "python", "run_clm.py"]
+
+# (entrypoint as the YAML's value, the words the cluster's sh passes on); HF_CACHE_TEST=/data/hf, DATA_TEST=d
+GOLDEN = {
+    "a | block with line continuations": (
+        "python -m determined.launch.deepspeed \\\n  python run_clm.py \\\n  --model_name_or_path m \\\n"
+        "  --do_train\n",
+        LAUNCH + ["--model_name_or_path", "m", "--do_train"]),
+    "continuation without a blank joins the words": ("python run_clm.py --output_\\\ndir o", [
+        "python", "run_clm.py", "--output_dir", "o"]),
+    "$VAR and ${VAR}": ("python run_clm.py --cache_dir $HF_CACHE_TEST/x --train_file ${DATA_TEST}.jsonl", [
+        "python", "run_clm.py", "--cache_dir", "/data/hf/x", "--train_file", "d.jsonl"]),
+    "double quotes expand, single quotes and backslashes do not": (
+        "python run_clm.py --a \"$DATA_TEST x\" --b '$DATA_TEST' --c \\$DATA_TEST --d=\"$DATA_TEST\"'$DATA_TEST'", [
+            "python", "run_clm.py", "--a", "d x", "--b", "$DATA_TEST", "--c", "$DATA_TEST", "--d=d$DATA_TEST"]),
+    "an unset variable stays as written": ("python run_clm.py --x $UNSET_IN_THIS_TEST", [
+        "python", "run_clm.py", "--x", "$UNSET_IN_THIS_TEST"]),
+    "quotes, escapes and empty words": (
+        "python run_clm.py --system_prompt 'あなたは 誠実' --s \"a \\\"b\\\" \\\\ \\z\" --e \"\" --f a\\ b", [
+            "python", "run_clm.py", "--system_prompt", "あなたは 誠実", "--s", "a \"b\" \\ \\z", "--e", "",
+            "--f", "a b"]),
+    "comments and blank lines": ("python run_clm.py --a 1 # trailing\n\n# done\n", [
+        "python", "run_clm.py", "--a", "1"]),
+    "comment lines before the command": ("\n# the 70B job\n\npython run_clm.py --a 1", [
+        "python", "run_clm.py", "--a", "1"]),
+    "# inside a word is text": ("python run_clm.py --a b#c", ["python", "run_clm.py", "--a", "b#c"]),
+    "quoted operators are text": ("python run_clm.py --run_name 'a && b' --x \"c;d|e>f\" --y \\&", [
+        "python", "run_clm.py", "--run_name", "a && b", "--x", "c;d|e>f", "--y", "&"]),
+}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("HF_CACHE_TEST", "/data/hf")
+    monkeypatch.setenv("DATA_TEST", "d")
+    monkeypatch.delenv("UNSET_IN_THIS_TEST", raising=False)
+
+
+@pytest.mark.parametrize("text, words", GOLDEN.values(), ids=GOLDEN.keys())
+def test_string_entrypoints_split_into_the_words_sh_gives(env, text, words):
+    assert shell_words(text, "exp.yaml: entrypoint") == words
+
+
+# sh empties an unset variable, a local run keeps it as written; printf must come first on the first line
+SH_COMPARABLE = [name for name, (text, _) in GOLDEN.items() if "unset" not in name and not text.startswith("\n")]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh on this machine to compare with")
+@pytest.mark.parametrize("name", SH_COMPARABLE)
+def test_the_golden_words_are_what_sh_itself_gives(env, name):
+    """The golden lists are sh's own: printf prints each word that sh passes on."""
+    text, words = GOLDEN[name]
+    printed = subprocess.run(["sh", "-c", 'printf "%s\\0" ' + text], capture_output=True, text=True, check=True)
+    assert printed.stdout.split("\0")[:-1] == words
+
+
+def _experiment(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return Experiment.load(path)
+
+
+def test_a_literal_block_with_continuations_runs_locally_with_expanded_paths(tmp_path, env):
+    """The reviewed failure: a YAML `|` entrypoint with `\\` continuations was `unknown run_clm.py flag(s): \\n`,
+    and --cache_dir $HOME/... made a directory literally named `$HOME`."""
+    experiment = _experiment(tmp_path, (
+        "entrypoint: |\n"
+        "  python -m determined.launch.deepspeed \\\n"
+        "    python run_clm.py \\\n"
+        "    --model_name_or_path m --train_file data/chat_ja.jsonl \\\n"
+        "    --cache_dir $HF_CACHE_TEST/hub \\\n"
+        "    --output_dir ${DATA_TEST}/out\n"))
+    assert experiment.uses_deepspeed_launcher()
+    flags = experiment.flags([])
+    assert flags == ["--model_name_or_path", "m", "--train_file", "data/chat_ja.jsonl", "--cache_dir",
+                     "/data/hf/hub", "--output_dir", "d/out"]
+    model_args, _, training_args = parse_input_arguments({}, flags + ["--use_cpu", "true"])
+    assert model_args.cache_dir == "/data/hf/hub" and training_args.output_dir == "d/out"
+
+
+def test_a_list_entrypoint_is_passed_as_it_is(tmp_path, env):
+    """The cluster runs a list without a shell: nothing expands there, so nothing expands here."""
+    experiment = _experiment(tmp_path, "entrypoint: [python, run_clm.py, --cache_dir, $HF_CACHE_TEST, '&&']\n")
+    assert experiment.script_args() == ["--cache_dir", "$HF_CACHE_TEST", "&&"]
+
+
+REFUSED = {
+    "&&": ("pip install x && python run_clm.py --do_train", "'&&'"),
+    ";": ("python run_clm.py --do_train; echo done", "';'"),
+    "|": ("python run_clm.py --do_train | tee log", "'|'"),
+    ">": ("python run_clm.py --do_train > log", "'>'"),
+    "2>&1": ("python run_clm.py --do_train 2>&1", "'>&'"),
+    "&": ("python run_clm.py --do_train &", "'&'"),
+    "$(...)": ("python run_clm.py --output_dir $(mktemp -d)", "'$('"),
+    "backticks in double quotes": ('python run_clm.py --run_name "`date`"', "'`'"),
+    "a second line": ("python -m determined.launch.deepspeed\npython run_clm.py --do_train\n", "a second line"),
+}
+
+
+@pytest.mark.parametrize("text, token", REFUSED.values(), ids=REFUSED.keys())
+def test_shell_syntax_is_refused_in_one_line_naming_the_file_and_the_token(tmp_path, text, token):
+    experiment = _experiment(tmp_path, "name: exp\n")
+    experiment.config["entrypoint"] = text
+    with pytest.raises(UserError) as raised:
+        experiment.script_args()
+    message = str(raised.value)
+    assert message.startswith(f"{experiment.path}: entrypoint: {token}")
+    assert "locally the entrypoint must be one command (python -m determined.launch.… python run_clm.py …)" in message
+    assert "\n" not in message
+
+
+def test_a_folded_block_with_a_more_indented_line_is_two_commands_to_sh(tmp_path):
+    """YAML keeps the line break before a more-indented line of a `>-` block; sh would run that line on its own."""
+    experiment = _experiment(tmp_path, "entrypoint: >-\n  python run_clm.py\n    --do_train\n")
+    with pytest.raises(UserError, match=r"exp.yaml: entrypoint: a second line is a second command to sh"):
+        experiment.script_args()
+
+
+@pytest.mark.parametrize("quote", ["'", '"'])
+def test_an_unclosed_quote_is_named(tmp_path, quote):
+    experiment = _experiment(tmp_path, "name: exp\n")
+    experiment.config["entrypoint"] = f"python run_clm.py --system_prompt {quote}x"
+    with pytest.raises(UserError, match=f"exp.yaml: entrypoint: unmatched {quote}: close the quote"):
+        experiment.script_args()
+
+
+@pytest.mark.parametrize("resources, slots", [
+    ("resources: {slots_per_trial: 0}\n", 1),  # a CPU-only trial on the cluster: one process here
+    ("resources: {slots_per_trial: null}\n", 1),  # the master's default
+    ("resources: {}\n", 1),
+    ("name: exp\n", 1),
+    ("resources: {slots_per_trial: 2}\n", 2),
+])
+def test_slots_per_trial_takes_what_the_master_takes(tmp_path, resources, slots):
+    assert _experiment(tmp_path, resources).slots_per_trial == slots
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "true", "1.5"])
+def test_bad_slots_per_trial_is_named(tmp_path, value):
+    experiment = _experiment(tmp_path, f"resources: {{slots_per_trial: {value}}}\n")
+    with pytest.raises(UserError, match=r"exp.yaml: resources.slots_per_trial must be an integer >= 0"):
+        _ = experiment.slots_per_trial
