@@ -190,8 +190,8 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: 
     reasons.append(_batch_reason(chosen, gpus, exact))
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")
     if not s.bf16:
-        reasons.append("fp16 with dynamic loss scaling (the _fp16 DeepSpeed configs): this GPU has no bf16, which torch "
-                       "only emulates there; Liger Kernel off, as it was measured only in bf16")
+        reasons.append("fp16 with dynamic loss scaling (the _fp16 DeepSpeed configs): this GPU has no bf16, which "
+                       "torch only emulates there; Liger Kernel off, as it was measured only in bf16")
     if _liger(s):
         reasons.append("Liger Kernel on (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): with flex attention and "
                        "LoRA dropout 0 it measured +33% tokens/s and 11 GiB less than sdpa without them on an H100 "

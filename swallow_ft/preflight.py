@@ -140,8 +140,8 @@ def check_kernels(model_args, training_args, ds_config: dict, found: Findings, w
                               "(python -m swallow_ft.plan leaves it out under ZeRO-3)")
     if training_args.use_liger_kernel and model_args.use_lora and \
             "lm_head" in [t.strip() for t in model_args.lora_target_modules.split(",")]:
-        found.problems.append(f"{where}: --lora_target_modules lm_head with --use_liger_kernel: Liger's fused loss reads "
-                              "lm_head's base weight, so that adapter would never train; drop lm_head or "
+        found.problems.append(f"{where}: --lora_target_modules lm_head with --use_liger_kernel: Liger's fused loss "
+                              "reads lm_head's base weight, so that adapter would never train; drop lm_head or "
                               "--use_liger_kernel")
     if not on_this_machine:
         return
