@@ -27,6 +27,7 @@ class LocalTrainContext(core.DummyTrainContext):
         self.metrics_path = Path(metrics_path)
         self._writer = None
         self.validation: Dict[int, Dict[str, Any]] = {}
+        self.purge_step: Optional[int] = None  # set on resume: TensorBoard drops its older events from this step on
 
     def _report_trial_metrics(self, group: str, steps_completed: int, metrics: Dict[str, Any],
                               batch_metrics: Optional[List[Dict[str, Any]]] = None) -> None:
@@ -39,7 +40,8 @@ class LocalTrainContext(core.DummyTrainContext):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self._tbd_directory))
+            # purge_step is TensorBoard's own way to forget what an interrupted run logged after its checkpoint
+            self._writer = SummaryWriter(str(self._tbd_directory), purge_step=self.purge_step)
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(f"{group}/{key}", value, steps_completed)

@@ -305,7 +305,9 @@ def core_context(job: Job) -> Iterator[det.core.Context]:
         storage_config=experiment_config.get("checkpoint_storage") or {})
     context.preempt = SignalPreemptContext(context.distributed, flag_file=os.environ.get(PREEMPT_FILE_ENV))
     if job.latest_checkpoint and context.distributed.rank == 0:
-        truncate_metrics(job.metrics_path, latest_checkpoint(job.registry_path)["steps_completed"])
+        resumed_at = latest_checkpoint(job.registry_path)["steps_completed"]
+        truncate_metrics(job.metrics_path, resumed_at)
+        context.train.purge_step = resumed_at + 1
     elif context.distributed.rank == 0:  # nothing to resume: what an earlier, killed attempt reported is void
         _remove(job.metrics_path)
         _remove(job.tensorboard_dir)

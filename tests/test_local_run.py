@@ -94,6 +94,12 @@ def test_sigkill_then_rerun_resumes_from_the_saved_step(tiny_model, tmp_path):
                 if r["group"] == "training"]
     # Rows after the restored checkpoint were dropped, then training went on: no duplicate steps.
     assert training == sorted(set(training)) and training[-1] == 300
+    # TensorBoard is told the same: the resumed run's event file starts by purging the steps after the checkpoint.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    starts = [event.step for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+              for event in EventFileLoader(str(path)).Load() if event.session_log.status == 1]  # SessionLog.START
+    assert starts == [saved + 1]
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
