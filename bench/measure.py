@@ -4,7 +4,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-CUDA = torch.cuda.is_available()
+from recipes import CUDA
 
 
 def sync():

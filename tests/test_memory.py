@@ -34,6 +34,9 @@ def llama_config(shape: ModelShape, **extra) -> LlamaConfig:
 
 TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176, vocab_size=1200,
                   max_positions=2048)
+# Wide enough that activations dominate what autograd keeps: the shape the activation formula is measured on.
+SMALL_LLAMA = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
+                         vocab_size=1000)
 
 
 @pytest.mark.parametrize("name", ["swallow-7b", "swallow-70b", "llama-3-swallow-8b"])
@@ -135,8 +138,7 @@ def test_activation_formula_matches_the_measured_peak(lora_r, targets, dropout, 
     monkeypatch.setattr(memory, "DROPOUT_MASK_BYTES", 2)  # CPU dropout keeps its mask in bf16, CUDA in bool
 
     torch.manual_seed(0)
-    shape = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
-                       vocab_size=1000)
+    shape = SMALL_LLAMA
     model = LlamaForCausalLM(llama_config(shape, attn_implementation="sdpa"))
     if lora_r:
         model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=targets, lora_dropout=dropout))
@@ -204,8 +206,7 @@ def test_activation_formula_holds_for_fp32_adapters_under_autocast_as_swallow_tr
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
 
-    shape = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
-                       vocab_size=1000)
+    shape = SMALL_LLAMA
     torch.manual_seed(0)
     base = LlamaForCausalLM._from_config(llama_config(shape, attn_implementation="sdpa"), dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear")).train()
@@ -231,8 +232,7 @@ def test_under_deepspeed_adapters_follow_the_base_dtype_and_keep_what_the_formul
     from swallow_ft.arguments import ModelArguments
     from swallow_ft.model import add_lora
 
-    shape = ModelShape(hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, intermediate_size=688,
-                       vocab_size=1000)
+    shape = SMALL_LLAMA
     batch, seq = 2, 256
     tokens = torch.randint(0, shape.vocab_size, (batch, seq))
     predicted = estimate(shape, gpus=1, zero_stage=3, micro_batch=batch, seq_len=seq, lora_r=8,
