@@ -25,10 +25,36 @@ def test_image_problems_name_what_to_change(python, torch, expected):
 def test_the_check_runs_as_the_hook_runs_it_and_passes_here():
     result = subprocess.run([sys.executable, "scripts/check_image.py"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == ""
-    hook = (REPO / "startup-hook.sh").read_text().splitlines()
-    commands = [line for line in hook if line and not line.startswith("#")]
-    assert commands[1].startswith("python3 scripts/check_image.py")  # after `set -euo pipefail`, before pip
-    assert commands[2] == "python3 -m pip install --no-cache-dir --quiet -r requirements.txt"
+
+
+# Determined's trial entrypoint sources the hook into its own `set -e` shell, then waits for the trial and tests a
+# variable it has unset. `python3` is a shell function here that logs its arguments (and fails where told to): the
+# real check and the real pip install are not what this test is about.
+SOURCING_SHELL = """
+set -e
+python3() { echo "$*" >> calls; [ "$1" != "$FAIL" ]; }
+before="$(set +o; shopt -p)"
+source ./startup-hook.sh
+[ "$(set +o; shopt -p)" = "$before" ] || { echo "the hook changed the shell's options"; exit 3; }
+unset trapped_signal
+[ -z "${trapped_signal}" ]
+sleep 0 & wait $!
+echo "trial ran"
+"""
+
+
+@pytest.mark.parametrize("fail, calls, exit_code", [
+    ("", ["scripts/check_image.py", "-m pip install --no-cache-dir --quiet -r requirements.txt"], 0),
+    ("scripts/check_image.py", ["scripts/check_image.py"], 1),
+    ("-m", ["scripts/check_image.py", "-m pip install --no-cache-dir --quiet -r requirements.txt"], 1),
+])
+def test_sourced_by_the_entrypoint_the_hook_leaves_its_shell_as_it_was(tmp_path, fail, calls, exit_code):
+    (tmp_path / "startup-hook.sh").write_text((REPO / "startup-hook.sh").read_text())
+    result = subprocess.run(["bash", "-c", SOURCING_SHELL], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "FAIL": fail})
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == calls
+    assert ("trial ran" in result.stdout) is (exit_code == 0)
 
 
 def test_requirements_pin_what_this_machine_runs():
