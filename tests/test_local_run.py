@@ -69,6 +69,11 @@ def _wait_for_checkpoint(run_dir, proc, timeout=300):
         time.sleep(0.1)
 
 
+def _final_adapter(run_dir, step):
+    (checkpoint,) = (run_dir / "checkpoints").glob(f"*/checkpoint-{step}")
+    return load_file(checkpoint / "adapter_model.safetensors")
+
+
 def _resumed_step(output):
     match = re.search(r"resuming from checkpoint \S+ \(.*checkpoint-(\d+)\)", output)
     assert match, output[-3000:]
@@ -122,6 +127,14 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
     assert _resumed_step(result.stderr) == stopped
     assert "Finished at step 400" in result.stdout
 
+    # Surviving preemption means the same model: the Trainer restores the data order, RNG, optimizer and schedule,
+    # so the interrupted run ends with exactly the adapter of a run that never stopped.
+    uninterrupted = run_clm(*args[:3], tmp_path / "uninterrupted", *args[4:])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    resumed, straight = (_final_adapter(runs / "local_tiny", 400) for runs in (tmp_path, tmp_path / "uninterrupted"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[name], straight[name]) for name in resumed)
+
 
 def test_fresh_starts_over(tiny_model, tmp_path):
     args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 20, "--eval_steps", 10]
@@ -145,8 +158,7 @@ def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
     for run in ("first", "second"):
         result = run_clm(*args, "--runs_dir", tmp_path / run)
         assert result.returncode == 0, result.stderr[-3000:]
-        (ckpt,) = (tmp_path / run / "local_tiny" / "checkpoints").glob("*/checkpoint-3")
-        adapters.append(load_file(ckpt / "adapter_model.safetensors"))
+        adapters.append(_final_adapter(tmp_path / run / "local_tiny", 3))
     losses = [[r["loss"] for r in read_metrics(tmp_path / run / "local_tiny" / "metrics.jsonl")
                if r["group"] == "training"] for run in ("first", "second")]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
