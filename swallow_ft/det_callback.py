@@ -67,6 +67,12 @@ def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> 
     return None
 
 
+def training_complete(args: TrainingArguments, state: TrainerState) -> bool:
+    if args.max_steps > 0:
+        return state.global_step >= args.max_steps
+    return (state.epoch or 0.0) >= args.num_train_epochs
+
+
 class StepClock:
     """Seconds spent in optimizer steps, measured without making the host wait for the device.
 
@@ -164,7 +170,8 @@ class DetCallback(TrainerCallback):
         self.last_train_report = self.last_eval_report = self.last_save = -1
         self.last_progress = 0.0
         self.preempted = False
-        self.eval_history: List[tuple] = []
+        self.eval_history: List[tuple] = []  # (step, eval_loss)
+        self.searcher_value: Optional[float] = None  # the last validation's searcher.metric, for Determined <= 0.37
         self.last_storage_id = latest_checkpoint if self.resume_from_checkpoint else None  # until a new one
         # Facts about the run added to every training report (e.g. packing_efficiency).
         self.constant_metrics: Dict[str, float] = {}
@@ -207,10 +214,18 @@ class DetCallback(TrainerCallback):
             self._report_progress(args, state)
         # Every rank asks every step (the chief answers for all), so a preempted trial stops at the
         # next step boundary with a checkpoint instead of waiting for a logging step.
-        if self.core_context.preempt.should_preempt():
-            self.preempted = True
-            control.should_save = True
-            control.should_training_stop = True
+        if not self.core_context.preempt.should_preempt(auto_ack=False):
+            return
+        if training_complete(args, state):
+            # Acknowledging asks the master to restart the trial later; exiting without it completes the trial.
+            # A restart would load the whole model to train nothing.
+            logger.info("preemption requested at the last step: finishing the trial instead")
+            return
+        if self.core_context.distributed.rank == 0:
+            self.core_context.preempt.acknowledge_preemption_signal()
+        self.preempted = True
+        control.should_save = True
+        control.should_training_stop = True
 
     def _report_progress(self, args: TrainingArguments, state: TrainerState) -> None:
         if args.max_steps > 0:
@@ -265,6 +280,7 @@ class DetCallback(TrainerCallback):
                             f"{sorted(k for k in metrics if k.startswith('eval_'))}: change searcher.metric")
         if "eval_loss" in metrics:
             self.eval_history.append((state.global_step, metrics["eval_loss"]))
+        self.searcher_value = metrics.get(self.searcher_metric or "eval_loss", self.searcher_value)
         if state.is_world_process_zero:
             self.core_context.train.report_metrics(group="validation", steps_completed=state.global_step,
                                                    metrics=metrics)
@@ -286,25 +302,19 @@ class DetCallback(TrainerCallback):
             rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.max_steps > 0:
-            complete = state.global_step >= args.max_steps
-        else:
-            complete = state.epoch >= args.num_train_epochs
-        if not (complete or control.should_training_stop):
+        if not (training_complete(args, state) or control.should_training_stop):
             return
-        # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial. A preemption
-        # skips the evaluation, unless it came at the last step: the restarted trial would have nothing to train.
-        if state.global_step > self.last_eval_report and (complete or not self.preempted) \
-                and args.eval_strategy != "no":
+        # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial. A preempted
+        # trial only checkpoints: it evaluates when it finishes, after its restart.
+        if state.global_step > self.last_eval_report and not self.preempted and args.eval_strategy != "no":
             control.should_evaluate = True
         if state.global_step > self.last_save:
             control.should_save = True
 
     def on_train_end(self, args, state: TrainerState, control, **kwargs):
         if self.current_op is not None and not self.preempted and state.is_world_process_zero:
-            metric = self.eval_history[-1][1] if self.eval_history else state.best_metric
-            if metric is not None:
-                self.current_op.report_completed(metric)
+            if self.searcher_value is not None:
+                self.current_op.report_completed(self.searcher_value)
 
     def dsat_reporting(self):
         """Wrap trainer.train() in this: DSAT (Determined <= 0.37) collects each trial's result here."""

@@ -110,14 +110,16 @@ def test_cluster_searcher_length_checks(cluster, tiny_model, tmp_path, searcher,
                 det_callback.DetCallback(context, job.training_args)
 
 
-def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_path, monkeypatch, caplog):
-    """Determined <= 0.37: progress and the final metric go through the searcher operation."""
+@pytest.mark.parametrize("metric", ["eval_loss", "eval_samples_per_second"])
+def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_path, monkeypatch, caplog, metric):
+    """Determined <= 0.37: progress and the final searcher.metric go through the searcher operation."""
     monkeypatch.setattr(det_callback, "determined_version", lambda: (0, 37))
     caplog.set_level(logging.INFO, logger="determined.core")
-    cluster({}, SINGLE)
+    cluster({}, {**SINGLE, "metric": metric})
     assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
     assert "progress report: 10/1" in caplog.text
-    assert "SearcherOperation Complete: searcher_metric=" in caplog.text
+    last = [r for r in read_metrics(tmp_path / "reported.jsonl") if r["group"] == "validation"][-1]
+    assert f"SearcherOperation Complete: searcher_metric={last[metric]}\n" in caplog.text
 
 
 def test_legacy_determined_refuses_searchers_of_several_operations(cluster, tiny_model, tmp_path, monkeypatch):
@@ -130,17 +132,35 @@ def test_legacy_determined_refuses_searchers_of_several_operations(cluster, tiny
             det_callback.DetCallback(context, job.training_args)
 
 
-def test_a_preemption_at_the_last_step_still_evaluates(cluster, tiny_model, tmp_path):
-    """The restarted trial would have nothing left to train, so the searcher's metric must come now."""
+class MasterSaysPreempt(core.DummyPreemptContext):
+    """The master's preemption signal, as the chief's PreemptContext reports it; counts acknowledgements."""
+
+    acks = 0
+
+    def should_preempt(self, auto_ack=True):
+        if auto_ack:
+            self.acknowledge_preemption_signal()
+        return True
+
+    def acknowledge_preemption_signal(self):
+        self.acks += 1
+
+
+@pytest.mark.parametrize("step, stops", [(5, True), (10, False)])
+def test_a_preemption_is_acknowledged_unless_it_comes_at_the_last_step(cluster, tiny_model, tmp_path, step, stops):
+    """An acknowledged trial is restarted: at the last step that would load the model again to train nothing, so
+    the trial finishes instead (evaluates, saves, exits unacknowledged: complete)."""
     cluster({}, SINGLE)
-    job = runtime.prepare(entrypoint(tiny_model, tmp_path))
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path, max_steps=10))
     with runtime.core_context(job) as context:
+        context.preempt = MasterSaysPreempt(context.distributed).start()
         callback = det_callback.DetCallback(context, job.training_args)
-        callback.preempted = True
-        for step, evaluates in ((5, False), (10, True)):
-            control = TrainerControl(should_training_stop=True)
-            callback.on_epoch_end(job.training_args, TrainerState(global_step=step, epoch=0.5), control)
-            assert control.should_evaluate is evaluates and control.should_save
+        control, state = TrainerControl(), TrainerState(global_step=step, epoch=0.5)
+        callback.on_step_end(job.training_args, state, control)
+        assert (context.preempt.acks, callback.preempted, control.should_training_stop) == (stops, stops, stops)
+        assert control.should_save is stops
+        callback.on_epoch_end(job.training_args, state, control)
+        assert control.should_evaluate is not stops and control.should_save
 
 
 def test_cluster_refuses_non_trial_tasks(cluster):
