@@ -67,6 +67,23 @@ def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> 
     return None
 
 
+def asha_rungs(searcher: Dict[str, Any]) -> List[int]:
+    """Where a Determined 0.38 ASHA searcher judges trials, in its time_metric: max_time / divisor^k, k < max_rungs."""
+    if searcher.get("name") not in ("adaptive_asha", "async_halving") or not searcher.get("max_time"):
+        return []
+    rungs = searcher.get("max_rungs") or searcher.get("num_rungs") or 5
+    divisor = searcher.get("divisor") or 4
+    return sorted({max(int(searcher["max_time"] / divisor ** k), 1) for k in range(rungs)})
+
+
+def unevaluated_rungs(searcher: Dict[str, Any], args: TrainingArguments) -> List[int]:
+    """The ASHA rungs (in batches) at which no evaluation happens: the searcher judges them by a later one."""
+    if searcher.get("time_metric") != "batches" or args.eval_strategy != "steps":
+        return []
+    every = args.eval_steps if args.eval_steps >= 1 else max(1, round(args.eval_steps * args.max_steps))
+    return [rung for rung in asha_rungs(searcher) if rung % every and rung < args.max_steps]
+
+
 def training_complete(args: TrainingArguments, state: TrainerState) -> bool:
     if args.max_steps > 0:
         return state.global_step >= args.max_steps
@@ -186,6 +203,11 @@ class DetCallback(TrainerCallback):
             raise UserError(problem)
         if problem:
             logger.warning("%s (ignored locally: the searcher only runs on a cluster)", problem)
+        missed = unevaluated_rungs(self.searcher_config, args)
+        if missed:
+            logger.warning("searcher %s judges trials at %s batches, where --eval_steps %s evaluates nothing: set "
+                           "--eval_steps to a divisor of the rungs, or max_rungs/divisor to rungs it evaluates at",
+                           self.searcher_config["name"], missed, args.eval_steps)
 
     def _restore(self, storage_id: str, args: TrainingArguments) -> str:
         # A directory of its own, so stale checkpoint-N folders in output_dir are never mistaken

@@ -88,6 +88,9 @@ class LocalCommand:
 # ----- the cluster ------------------------------------------------------------------------------
 def prepare_cluster(info: det.ClusterInfo, argv: Sequence[str]) -> Job:
     model_args, data_args, training_args = parse_input_arguments(info.trial.hparams, argv)
+    # The trials of an experiment share its --output_dir, and containers on one node may share /tmp (Slurm and PBS
+    # with Singularity or Apptainer bind it from the host): a folder per trial keeps their checkpoints apart.
+    training_args.output_dir = os.path.join(training_args.output_dir, f"trial-{info.trial.trial_id}")
     return Job(model_args, data_args, training_args, cluster_info=info)
 
 

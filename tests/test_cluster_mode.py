@@ -65,6 +65,7 @@ def test_cluster_hparams_become_flags(cluster, tiny_model, tmp_path):
     assert job.training_args.learning_rate == 0.002
     assert job.model_args.lora_r == 4
     assert job.training_args.eval_strategy == "steps"
+    assert job.training_args.output_dir == str(tmp_path / "out" / "trial-7")  # trials may share a node's /tmp
 
 
 def test_cluster_trial_trains_then_restores_latest_checkpoint(cluster, tiny_model, tmp_path, caplog):
@@ -183,3 +184,22 @@ def test_det_callback_is_ours_not_upstreams():
 
     assert not issubclass(hf_callback.DetCallback, Upstream)
     assert Path(hf_callback.__file__).parent == REPO
+
+
+def test_the_shipped_search_evaluates_at_every_asha_rung(caplog):
+    """0.38 ASHA judges a trial at max_time / divisor^k batches, by the latest validation at or after the rung."""
+    from swallow_ft.arguments import parse_input_arguments
+    from swallow_ft.experiment import Experiment
+
+    experiment = Experiment.load(REPO / "experiments/swallow_7b_search.yaml")
+    _, _, args = parse_input_arguments({}, experiment.script_args() + ["--use_cpu", "true"])
+    assert det_callback.asha_rungs(experiment.searcher) == [25, 100, 400]
+    assert det_callback.unevaluated_rungs(experiment.searcher, args) == []
+
+    five_rungs = {key: value for key, value in experiment.searcher.items() if key != "max_rungs"}
+    assert det_callback.asha_rungs(five_rungs) == [1, 6, 25, 100, 400]
+    args.eval_steps = 50
+    assert det_callback.unevaluated_rungs(five_rungs, args) == [1, 6, 25]
+    with caplog.at_level(logging.WARNING, logger="swallow_ft.det_callback"):
+        det_callback.DetCallback(core._dummy_init(), args, searcher_config=five_rungs, strict_searcher=False)
+    assert "judges trials at [1, 6, 25] batches, where --eval_steps 50 evaluates nothing" in caplog.text
