@@ -2,17 +2,25 @@
 
 Whitespace-tokenised ROUGE/F1 treat an unsegmented Japanese sentence as a single "word", so any
 difference scores zero. These work on characters instead (after NFKC, which folds full-width digits
-and letters, and without whitespace), plus exact match on the final number for math answers
-(camel-ai/math, MGSM-style "答え: 151").
+and letters, and without whitespace), plus exact match on the answer's number for math answers
+(camel-ai/math, MGSM-style "答え: 151": the last number after "答え:", else the text's last number; a/b is a fraction).
 """
 
 import re
 import unicodedata
 from collections import Counter
-from decimal import Decimal, InvalidOperation
-from typing import Dict, Iterable, List, Optional
+from decimal import Decimal
+from fractions import Fraction
+from typing import Dict, Iterable, List, Optional, Union
 
-NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?")
+# Commas only as thousands separators (groups of exactly three digits), so "2,3" is two numbers, not 23.
+_DECIMAL = r"[-−]?(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?"
+NUMBER = re.compile(rf"({_DECIMAL})(?:[ \t]*/[ \t]*({_DECIMAL}))?")
+# MGSM-style answers state the result after "答え:"; the working before it (and remarks after it) have other numbers.
+# NFKC has already turned the full-width colon into ":". The answer ends with its line or sentence.
+ANSWER = re.compile(r"答え\s*:\s*([^\n。]*)")
+# ² in "cm²" is a unit's power, but NFKC would make it a digit of the number ("5cm²" -> "5cm2").
+SUPERSCRIPTS = str.maketrans("", "", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻")
 
 
 def normalize(text: str) -> str:
@@ -50,23 +58,35 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def final_number(text: str) -> Optional[Decimal]:
-    """The last number in the text: '... = 151 です。答え: 151' -> 151; '１，０００円' -> 1000."""
-    matches = NUMBER.findall(unicodedata.normalize("NFKC", text))
-    if not matches:
-        return None
-    try:
-        return Decimal(matches[-1].replace(",", "").replace("−", "-"))
-    except InvalidOperation:
-        return None
+def _value(numerator: str, denominator: str) -> Optional[Union[Decimal, Fraction]]:
+    def parse(text: str) -> Decimal:
+        return Decimal(text.replace(",", "").replace("−", "-"))
+
+    if not denominator:
+        return parse(numerator)
+    # A fraction stays exact: 1/3 has no finite decimal, and 0.75 must equal 3/4.
+    bottom = parse(denominator)
+    return Fraction(parse(numerator)) / Fraction(bottom) if bottom else None
+
+
+def final_number(text: str) -> Optional[Union[Decimal, Fraction]]:
+    """The answer's number: the last one after the last "答え:" (up to the end of its line or sentence), else the
+    last number in the text. '... = 151 です。答え: 151' -> 151; '１，０００円' -> 1000; '答え: 3/4' -> Fraction(3, 4);
+    '5cm²' -> 5. A Decimal, or a Fraction for a/b."""
+    text = unicodedata.normalize("NFKC", text.translate(SUPERSCRIPTS))
+    answers = ANSWER.findall(text)
+    matches = (answers and NUMBER.findall(answers[-1])) or NUMBER.findall(text)
+    return _value(*matches[-1]) if matches else None
 
 
 def number_match(prediction: str, reference: str) -> Optional[float]:
-    """1.0/0.0 when the reference ends in a number, None when it has none (not a math answer)."""
+    """1.0/0.0 when the reference has a number (its answer's, as final_number finds it), None when it has none (not
+    a math answer). Compared exactly as fractions, so 0.75 matches 3/4."""
     expected = final_number(reference)
     if expected is None:
         return None
-    return float(final_number(prediction) == expected)
+    got = final_number(prediction)
+    return float(got is not None and Fraction(got) == Fraction(expected))
 
 
 def score(prediction: str, reference: str) -> Dict[str, Optional[float]]:

@@ -22,6 +22,7 @@ ranking, and measure with bench/throughput.py.
 """
 
 import argparse
+import difflib
 import math
 import re
 import sys
@@ -94,7 +95,9 @@ def _step_time(shape, setting: Setting, gpus: int, seq: int, lora_r: Optional[in
 def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bool, global_batch: int,
          lora_r: int = 16, tflops: Optional[float] = None, link_gbps: Optional[float] = None, gpu: str = "h100"
          ) -> Plan:
-    default_tflops, default_link = GPU_SPECS.get(gpu.lower(), GPU_SPECS["h100"])
+    if gpu.lower() not in GPU_SPECS:  # another GPU's rates would rank the settings wrongly, and silently
+        raise UserError(f"--gpu {gpu}: unknown GPU: use one of {', '.join(GPU_SPECS)}")
+    default_tflops, default_link = GPU_SPECS[gpu.lower()]
     tflops, link_gbps = tflops or default_tflops, link_gbps or default_link
     too_long = memory.context_problem(shape, seq)
     if too_long:
@@ -260,12 +263,59 @@ def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
     path.write_text(text)
 
 
+def resolve_shape(name: str, cache_dir: Optional[str] = None) -> Optional[memory.ModelShape]:
+    """A short name (KNOWN_SHAPES), else memory.shape_for: a local dir, a cached config or a known Swallow Hub id."""
+    # The short names first: shape_for takes "swallow-70b" for a mistyped hub id.
+    if name in memory.KNOWN_SHAPES:
+        return memory.KNOWN_SHAPES[name]
+    try:
+        return memory.shape_for(name, cache_dir)
+    except UserError:
+        # shape_for's advice (a Hub id close to it, `hf download NAME`) fits ORG/NAME ids and directories only.
+        if "/" in name or Path(name).expanduser().exists():
+            raise
+        raise UserError(f"{name} is not a known short name or Swallow Hub id ({_short_names_hint(name)})") from None
+
+
+def _short_names_hint(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), memory.KNOWN_SHAPES, n=3, cutoff=0.6)
+    known = f"short names: {', '.join(memory.KNOWN_SHAPES)}"
+    return f"did you mean {' or '.join(close)}? {known}" if close else known
+
+
+def check_same_model(path: Path, model: str, shape: memory.ModelShape) -> None:
+    """Refuse to write a plan into an experiment that trains another model: its batch sizes would not fit, or would
+    waste the GPUs. The names may differ (swallow-70b, tokyotech-llm/Swallow-70b-instruct-v0.1); the shapes may not."""
+    from swallow_ft.arguments import split_equals
+    from swallow_ft.experiment import Experiment
+
+    args = split_equals(Experiment.load(path).script_args())
+
+    def value(flag: str) -> Optional[str]:
+        return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+    trains = value("--model_name_or_path")
+    if trains is None:  # nothing to contradict; the preflight reports the missing flag
+        return
+    fix = f"pass --model {trains}, or edit --model_name_or_path in {path}"
+    try:
+        theirs = resolve_shape(trains, value("--cache_dir"))
+    except UserError as exc:
+        raise UserError(f"--write {path}: its --model_name_or_path {exc}") from None
+    if theirs is None:
+        raise UserError(f"--write {path}: the YAML trains {trains}, whose config is not available offline, and the "
+                        f"plan is for {model}: {fix} (a local dir or a cached config)")
+    if theirs != shape:
+        raise UserError(f"--write {path}: the YAML trains {trains}, the plan is for {model} (another shape): {fix}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swallow_ft.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hub id, local dir, or a known Swallow name")
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpu", default="h100", help=f"for the speed model: {', '.join(GPU_SPECS)}")
+    parser.add_argument("--gpu", default="h100", type=str.lower, choices=list(GPU_SPECS),
+                        help="for the speed model (its bf16 rate and all-gather bandwidth, and whether it has bf16)")
     parser.add_argument("--seq", type=int, default=2048)
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True)
@@ -278,14 +328,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        # The short names first: shape_for takes "swallow-70b" for a mistyped hub id.
         try:
-            shape = memory.KNOWN_SHAPES.get(args.model) or memory.shape_for(args.model)
+            shape = resolve_shape(args.model)
         except UserError as exc:
             raise UserError(f"--model {exc}") from None
         if shape is None:
-            raise UserError(f"--model {args.model}: no config available offline; use a local dir or one of "
-                            f"{', '.join(memory.KNOWN_SHAPES)}")
+            cache = f"cache its config (hf download {args.model} config.json), " if args.model.count("/") == 1 \
+                and not args.model.startswith((".", "/", "~")) else ""
+            raise UserError(f"--model {args.model}: no config available offline; {cache}use a local dir or a short "
+                            f"name ({_short_names_hint(args.model)})")
+        if args.write:  # before anything is printed or planned: a plan for another model is no use
+            check_same_model(args.write, args.model, shape)
         chosen = plan(shape, args.gpus, args.gpu_mem, args.seq, not args.full, args.global_batch, args.lora_r,
                       args.tflops, args.interconnect_gbps, args.gpu)
         s = chosen.setting

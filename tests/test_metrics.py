@@ -1,6 +1,7 @@
 """Japanese-aware answer scores: characters, not whitespace words; the final number for math."""
 
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 
@@ -33,6 +34,14 @@ def test_nfkc_folds_full_width_and_spacing():
     ("x = -3.5", Decimal("-3.5")),
     ("平均は 12 ÷ 4 = 3", Decimal(3)),
     ("わかりません", None),
+    ("2,3", Decimal(3)),  # not a thousands separator: two numbers, not 23
+    ("1,000.5 と 12,3456", Decimal(3456)),
+    ("答え: 3/4", Fraction(3, 4)),
+    ("答え： －１／２", Fraction(-1, 2)),
+    ("面積は 5cm²", Decimal(5)),  # the unit's power is no digit of the number
+    ("答え: 151 です。検算: 151 - 81 = 70", Decimal(151)),
+    ("答え: 81 + 70 = 151\n\n解説: 1 と 2", Decimal(151)),  # the last number of the answer line
+    ("答え:\n151", Decimal(151)),
 ])
 def test_final_number(text, number):
     assert final_number(text) == number
@@ -46,3 +55,16 @@ def test_number_match_and_means():
     means = mean_scores(rows)
     assert means["number_match"] == 0.5
     assert 0 < means["char_f1"] < 1
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("答え: 1/4", "答え: 3/4", 0.0),  # both used to parse as 4
+    ("答え: 0.75", "答え: 3/4", 1.0),
+    ("答え: ６／８", "答え: 3/4", 1.0),
+    ("答え: 5 cm", "答え: 5cm²", 1.0),  # NFKC used to read 5cm² as the number 2
+    ("答え: 23", "答え: 2,3", 0.0),
+    ("答え: 151 です。検算: 151 - 81 = 70", "答え: 151", 1.0),
+    ("答え: 1/0", "答え: 3/4", 0.0),
+])
+def test_number_match_compares_the_answers_number_exactly(prediction, reference, expected):
+    assert number_match(prediction, reference) == expected

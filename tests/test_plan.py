@@ -219,3 +219,70 @@ def test_write_into_keeps_environment_variables_as_written(tmp_path, monkeypatch
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
     write_into(path, chosen, 2048, gpus=1)
     assert "--cache_dir $HOME/hf_cache" in path.read_text() and "/home/planner" not in path.read_text()
+
+
+def test_an_unknown_gpu_is_refused_not_planned_with_h100_speeds(capsys):
+    from swallow_ft.plan import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "swallow-70b", "--gpus", "4", "--gpu-mem", "80", "--gpu", "a100x"])
+    assert exit_info.value.code == 2
+    assert "argument --gpu: invalid choice: 'a100x' (choose from 'h200', 'h100', 'a100'" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^--gpu a100x: unknown GPU: use one of h200, h100, a100, "):
+        plan(KNOWN_SHAPES["swallow-70b"], gpus=4, gpu_mem=80, seq=2048, lora=True, global_batch=32, gpu="a100x")
+    assert main(["--model", "swallow-70b", "--gpus", "4", "--gpu-mem", "80", "--gpu", "A100"]) == 0
+    assert "on 4 x 80 GiB (a100):" in capsys.readouterr().out
+
+
+def _experiment_training(tmp_path, model: str):
+    path = tmp_path / "exp.yaml"
+    text = (REPO / "experiments/swallow_7b.yaml").read_text()
+    path.write_text(text.replace("--model_name_or_path tokyotech-llm/Swallow-7b-instruct-v0.1",
+                                 f"--model_name_or_path {model}", 1))
+    return path
+
+
+@pytest.mark.parametrize("trains, why", [
+    ("tokyotech-llm/Swallow-70b-instruct-v0.1", "(another shape)"),
+    ("tokyotech-llm/Swallow-7b-NVE-hf", "(another shape)"),  # Llama-2's 32000-token vocabulary, not 43176
+    ("TINY", "(another shape)"),
+    ("/nonexistent/model", "whose config is not available offline"),
+])
+def test_write_refuses_an_experiment_that_trains_another_model(tmp_path, capsys, trains, why):
+    from swallow_ft.plan import main
+
+    if trains == "TINY":
+        trains = str(tmp_path / "tiny")
+        (tmp_path / "tiny").mkdir()
+        (tmp_path / "tiny/config.json").write_text(json.dumps(
+            {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "vocab_size": 43176, "max_position_embeddings": 4096}))
+    path = _experiment_training(tmp_path, trains)
+    before = path.read_text()
+    assert main(["--model", "swallow-7b", "--gpus", "1", "--gpu-mem", "80", "--write", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --write {path}: the YAML trains {trains}") and why in captured.err
+    assert f"pass --model {trains}, or edit --model_name_or_path in {path}" in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == "" and path.read_text() == before
+
+
+def test_write_takes_a_short_name_for_the_model_the_experiment_trains(tmp_path, capsys):
+    from swallow_ft.plan import main
+
+    path = _experiment_training(tmp_path, "tokyotech-llm/Swallow-7b-instruct-v0.1")
+    assert main(["--model", "swallow-7b", "--gpus", "2", "--gpu-mem", "80", "--write", str(path)]) == 0
+    assert f"wrote them into {path}" in capsys.readouterr().out and Experiment.load(path).slots_per_trial == 2
+
+
+@pytest.mark.parametrize("model, says", [
+    ("swallow-70", "error: --model swallow-70 is not a known short name or Swallow Hub id (did you mean swallow-70b"),
+    ("someone/not-a-model", "cache its config (hf download someone/not-a-model config.json)"),
+])
+def test_cli_suggests_what_fits_the_kind_of_name(capsys, model, says):
+    from swallow_ft.plan import main
+
+    assert main(["--model", model, "--gpus", "4", "--gpu-mem", "80"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    if "/" not in model:  # a short name is no Hub id: neither a Hub id to suggest nor one to download
+        assert "hf download" not in err and "tokyotech-llm/" not in err
