@@ -352,11 +352,14 @@ class DetCallback(TrainerCallback):
     def summary(self, state: TrainerState) -> Dict[str, Any]:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
         self.clock.read()
+        # A rerun of a finished run trains and evaluates nothing; its checkpoint's log has the evaluations.
+        eval_losses = [loss for _, loss in self.eval_history] or [
+            log["eval_loss"] for log in state.log_history if "eval_loss" in log]
         return {
             "steps_completed": state.global_step,
             "preempted": self.preempted,
-            "first_eval_loss": self.eval_history[0][1] if self.eval_history else None,
-            "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
+            "first_eval_loss": eval_losses[0] if eval_losses else None,
+            "last_eval_loss": eval_losses[-1] if eval_losses else None,
             "checkpoint": self.last_storage_id,
             "tokens_per_second": tokens / self.clock.total if self.clock.total else None,
         }
