@@ -23,11 +23,11 @@ common=(--shape "${SHAPE:-swallow-7b}" --steps 8 --warmup 4 --profile-steps "${P
 # Full rows of random tokens first: the research baseline's conditions, where the open targets of bench/RESULTS.md
 # are (11x seed, 55% of the matmul ceiling). Most important first; the budget skips the tail.
 python3 bench/throughput.py "${common[@]}" --data random --budget-s "${BUDGET_RANDOM:-220}" --json "$out/random.json" \
-  --recipes "${RECIPES_RANDOM:-seed,default,default+fusedlora,default+compile,default+mb2,default+hostreads}" 2>&1 | tee "$out/random.log"
+  --recipes "${RECIPES_RANDOM:-seed,default,default+nofusedlora,default+compile,default+mb2,default+hostreads}" 2>&1 | tee "$out/random.log"
 pack_profiles
 # Length-skewed instruction data: the same questions where packing matters, then Liger's share of the gain, what
 # skipping peft's input casts and the host's per-micro-step reads gained, padding and the allocator on changing shapes.
 python3 bench/throughput.py "${common[@]}" --data skewed --budget-s "${BUDGET_SKEWED:-180}" --json "$out/skewed.json" \
-  --recipes "${RECIPES_SKEWED:-seed,default,default+fusedlora,default+compile,default+noliger,default+peftcasts,default+hostreads,padded,default+mb2,default+expseg}" \
+  --recipes "${RECIPES_SKEWED:-seed,default,default+nofusedlora,padded,default+compile,default+noliger,default+peftcasts,default+hostreads,default+mb2,default+expseg}" \
   2>&1 | tee "$out/skewed.log"
 pack_profiles

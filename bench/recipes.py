@@ -3,6 +3,7 @@
 A recipe name is a RECIPES entry followed by any +modifiers, applied in order: default+flex+mb4.
 """
 import math
+import os
 import re
 import sys
 from importlib.util import find_spec
@@ -28,7 +29,7 @@ RECIPES = {
     # ZeRO stage, micro-batch, activation checkpointing and Liger are the planner's choice for one GPU of this size.
     "default": dict(precision="bf16", deepspeed="auto", micro_batch="auto", seq=2048, cpu_seq=256, lora_r=16,
                     lora_targets="all-linear", lora_dropout=0.0, packing=True, checkpointing="auto", attn="auto",
-                    liger="auto", compile=False, peft_casts=False, fused_lora=False, host_reads=False, env={}),
+                    liger="auto", compile=False, peft_casts=False, fused_lora="auto", host_reads=False, env={}),
 }
 RECIPES["padded"] = {**RECIPES["default"], "packing": False}
 MODIFIERS = {
@@ -50,8 +51,10 @@ MODIFIERS = {
     "expseg": dict(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     # peft's casts of each adapted layer's input to the adapters' fp32 and back, which SwallowTrainer skips
     "peftcasts": dict(peft_casts=True),
-    # each plain LoRA layer as three matmuls, its scale and add inside the GEMM (swallow_ft/fused_lora.py)
+    # each plain LoRA layer as three matmuls, its scale and add inside the GEMM (swallow_ft/fused_lora.py): on a GPU
+    # by default (SwallowTrainer.fuse_lora); fusedlora forces it on CPU too, nofusedlora runs peft's own layers
     "fusedlora": dict(fused_lora=True),
+    "nofusedlora": dict(fused_lora=False),
     # the Trainer's reads of each micro-step's loss (nan/inf filter) and token count, which the host waits for
     "hostreads": dict(host_reads=True),
 }
@@ -77,6 +80,13 @@ def recipe(name):
     return r
 
 
+def planning_gib():
+    """The GPU memory recipes are planned for: this GPU's, or $PLAN_GPU_GIB (an H100's 79.6 when run on an H200)."""
+    if os.environ.get("PLAN_GPU_GIB"):
+        return float(os.environ["PLAN_GPU_GIB"])
+    return torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
+
+
 def resolve(name, shape_name, quiet=False):
     """Fill a recipe's "auto" settings for this shape and device."""
     r = dict(recipe(name), note="")
@@ -92,14 +102,13 @@ def resolve(name, shape_name, quiet=False):
     if not CUDA and r["liger"] is True:
         raise ValueError("liger needs a GPU (Triton kernels)")
     if r["micro_batch"] == "auto":  # the planner's choice for one GPU of this size
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB
-        chosen = plan.plan(SHAPES[shape_name], gpus=1, gpu_mem=gpu_gib, seq=r["seq"], lora=bool(r["lora_r"]),
+        chosen = plan.plan(SHAPES[shape_name], gpus=1, gpu_mem=planning_gib(), seq=r["seq"], lora=bool(r["lora_r"]),
                            global_batch=64, lora_r=r["lora_r"] or 16).setting
         r["micro_batch"] = chosen.micro_batch
         r["checkpointing"] = chosen.checkpointing if r["checkpointing"] == "auto" else r["checkpointing"]
         if r["deepspeed"] == "auto":
             r["deepspeed"] = plan.ds_config_for(chosen)
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
+    gpu_gib = planning_gib()
 
     def fits(ckpt):  # one GPU, no ZeRO, by the preflight's memory model
         return memory.fits(memory.estimate(SHAPES[shape_name], gpus=1, zero_stage=0, micro_batch=r["micro_batch"],
@@ -110,6 +119,8 @@ def resolve(name, shape_name, quiet=False):
         r["checkpointing"] = not fits(False)
     if r["deepspeed"] == "auto":
         r["deepspeed"] = None if fits(r["checkpointing"]) else "ds_configs/ds_config_stage_3.json"
+    if r["fused_lora"] == "auto":  # as SwallowTrainer: on a GPU
+        r["fused_lora"] = CUDA
     if r["liger"] == "auto":  # as the planner: on a GPU, not under ZeRO-3, when liger-kernel is installed
         r["liger"] = bool(CUDA and "stage_3" not in (r["deepspeed"] or "") and find_spec("liger_kernel"))
     return r

@@ -44,6 +44,7 @@ def test_default_and_padded_on_cpu(tiny_model, tmp_path):
     ops = {name: row["profile"]["aten_ops_per_step"] for name, row in rows.items()}
     assert ops["default+peftcasts"] > ops["default"] > ops["default+fusedlora"]
     assert rows["default+peftcasts"]["peft_casts"] and rows["default+fusedlora"]["fused_lora"]
+    assert not rows["default"]["fused_lora"]  # on a GPU only, unless forced
     # The Trainer's own token count, read every micro-step, counts the same tokens as SwallowTrainer's.
     assert rows["default+hostreads"]["host_reads"] and not rows["default"]["host_reads"]
     assert rows["default+hostreads"]["tokens_per_second"] * rows["default+hostreads"]["steps_s"] == pytest.approx(

@@ -2,6 +2,7 @@
 per-micro-step reads of the token count."""
 
 import json
+import logging
 import traceback
 
 import pytest
@@ -151,6 +152,29 @@ def test_fused_lora_trains_the_adapters_peft_trains(tiny_model, tmp_path, compil
     assert fused_losses == pytest.approx(losses, rel=1e-4) and len(losses) == MICRO_STEPS
     for name, weight in adapters.items():
         torch.testing.assert_close(fused_adapters[name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_a_checkpoint_at_the_end_of_its_epochs_trains_nothing_more(tiny_model, tmp_path, caplog):
+    """--num_train_epochs 1.5 ends mid-epoch; resumed there, the Trainer would train one step past the schedule."""
+    trainer, model, _ = _train(SwallowTrainer, tiny_model, tmp_path, max_steps=-1, num_train_epochs=1.5,
+                               save_strategy="steps", save_steps=1, lr_scheduler_type="constant")
+    last = trainer.state.global_step
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with caplog.at_level(logging.WARNING, logger="swallow_ft.trainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "SwallowTrainer" / f"checkpoint-{last}"))
+    assert trainer.state.global_step == last
+    assert f"is at step {last}, which is --num_train_epochs 1.5: nothing left to train" in caplog.text
+    assert all(torch.equal(p, adapters[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lora_layers_are_fused_by_default_on_a_gpu_only(tiny_model, tmp_path):
+    """Measured on a GPU (bench/RESULTS.md); on a CPU peft's own layers keep the numbers the other tests pin."""
+    trainer, _, _ = _train(SwallowTrainer, tiny_model, tmp_path, max_steps=1)
+    assert SwallowTrainer.fuse_lora is None and trainer.args.device.type == "cpu"
+    trainer.fuse_lora = None
+    assert not trainer.fuses_lora
+    trainer.fuse_lora = True
+    assert trainer.fuses_lora
 
 
 @pytest.mark.parametrize("drop_attention_mask", [False, True])
