@@ -11,10 +11,13 @@ import json
 import logging
 import math
 import signal
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from determined import core
+
+from swallow_ft.errors import UserError
 
 logger = logging.getLogger("swallow_ft.local")
 
@@ -75,6 +78,14 @@ def latest_checkpoint(registry_path: Path) -> Optional[Dict[str, Any]]:
     """The registered checkpoint with the most steps (the last registered wins a tie)."""
     rows = read_jsonl(registry_path)
     return max(reversed(rows), key=lambda r: r["steps_completed"]) if rows else None
+
+
+def abort_message(registry_path: Path) -> str:
+    """One line for a run aborted by a second Ctrl-C: what a rerun resumes from."""
+    latest = latest_checkpoint(registry_path)
+    if latest is None:
+        return "aborted: no checkpoint saved; a rerun starts from step 0"
+    return f"aborted: no checkpoint saved after step {latest['steps_completed']}; a rerun resumes from there"
 
 
 class LocalCheckpointContext(core.DummyCheckpointContext):
@@ -178,31 +189,92 @@ RESUMABLE_FLAGS = {
     "--eval_strategy", "--save_strategy", "--logging_strategy", "--report_to", "--disable_tqdm", "--output_dir",
     "--use_cpu", "--ddp_backend", "--dataloader_num_workers", "--preprocessing_num_workers", "--overwrite_cache",
     "--per_device_eval_batch_size", "--max_eval_samples", "--logging_nan_inf_filter", "--include_num_input_tokens_seen",
-    "--attn_implementation", "--use_liger_kernel", "--torch_compile", "--skip_bad_rows",
+    "--attn_implementation", "--use_liger_kernel", "--torch_compile", "--skip_bad_rows", "--do_eval",
+    "--liger_kernel_config",
 }
+SETTINGS_FORMAT = 2  # flags.json before it held {--flag: text}
+SECRET_FIELDS = {"hub_token"}  # flags.json is a plain file beside the metrics
 
 
-def flag_values(flags: List[str]) -> Dict[str, str]:
-    """{--flag: value} as argparse reads them (the last occurrence wins; a bare switch is "")."""
-    values: Dict[str, str] = {}
-    for i, arg in enumerate(flags):
-        if arg.startswith("--"):
-            following = flags[i + 1] if i + 1 < len(flags) else None
-            values[arg] = following if following is not None and not following.startswith("--") else ""
-    return values
+def run_settings(flags: List[str], parsed: Sequence[Any]) -> Dict[str, Any]:
+    """What a run trains with: every parsed argument, and which of them the flags set.
+
+    Parsed values, not the flags' text, so that 5e-3 and 0.005, --learning-rate and --learning_rate, --use_lora and
+    --use_lora true, --evaluation_strategy and --eval_strategy are the same run.
+    """
+    return {"format": SETTINGS_FORMAT, "given": sorted(_fields_named(flags)),
+            "values": {f.name: _plain(getattr(args, f.name)) for args in parsed for f in fields(args)
+                       if f.init and f.name not in SECRET_FIELDS}}
 
 
-def changed_flags(recorded_path: Path, flags: List[str]) -> List[str]:
-    """What differs, other than RESUMABLE_FLAGS, between the flags a run started with and these; [] if the record
-    is missing (a run from before it was kept)."""
-    if not Path(recorded_path).exists():
+def _fields_named(flags: List[str]) -> set:
+    from transformers import HfArgumentParser
+
+    from swallow_ft.arguments import DATACLASSES, normalize_flags
+
+    actions = HfArgumentParser(DATACLASSES)._option_string_actions  # --no_x and --x-y lead to their field too
+    return {actions[arg].dest for arg in normalize_flags(flags) if arg.startswith("--") and arg in actions}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value that compares equal after a round trip through flags.json (enums by value)."""
+    return json.loads(json.dumps(value, default=lambda v: getattr(v, "value", None) or str(v)))
+
+
+def _read_settings(recorded_path: Path) -> Optional[Dict[str, Any]]:
+    """The recorded settings; None when unknown: no record, an unreadable one, or old flags that no longer parse."""
+    try:
+        recorded = json.loads(Path(recorded_path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    if recorded.get("format") == SETTINGS_FORMAT:
+        return recorded
+    # Before SETTINGS_FORMAT the record was {--flag: text} (a bare switch ""): parse it as the run did then.
+    from swallow_ft.arguments import parse_input_arguments
+
+    flags = [word for flag, value in recorded.items() for word in ([flag, value] if value != "" else [flag])]
+    try:
+        return run_settings(flags, parse_input_arguments({}, flags))
+    except (ValueError, TypeError):
+        return None
+
+
+def changed_flags(recorded_path: Path, flags: List[str], parsed: Sequence[Any]) -> List[str]:
+    """What differs, other than RESUMABLE_FLAGS, between what a run started with and these flags; [] if that is
+    unknown (a run from before it was kept). Only arguments that a flag set on either side are compared: the ones
+    the Trainer derives from others follow them."""
+    before, now = _read_settings(recorded_path), run_settings(flags, parsed)
+    if before is None:
         return []
-    before, now = json.loads(Path(recorded_path).read_text()), flag_values(flags)
-    return [f"{flag} {before.get(flag, '(unset)')!s} -> {now.get(flag, '(unset)')!s}".replace(" ->  ", " -> ")
-            for flag in sorted(set(before) | set(now))
-            if flag not in RESUMABLE_FLAGS and before.get(flag) != now.get(flag)]
+    resumable = {flag[2:] for flag in RESUMABLE_FLAGS}
+    named = (set(before["given"]) | set(now["given"])) - resumable
+    old, new = before["values"], now["values"]
+    # A field only one side knows is one that another transformers version added or removed: not a difference.
+    return [f"--{name} {_show(old[name])} -> {_show(new[name])}"
+            for name in sorted(named) if name in old and name in new and old[name] != new[name]]
 
 
-def record_flags(recorded_path: Path, flags: List[str]) -> None:
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_same_run(run_dir: Path, registry_path: Path, flags: List[str], parsed: Sequence[Any]) -> None:
+    """A run is found by its name, so a rerun with other flags would resume checkpoints trained differently (or
+    "finish" at once on someone else's adapter). Its settings are kept beside its registry and compared."""
+    recorded = Path(run_dir) / "flags.json"
+    if latest_checkpoint(registry_path) is None:
+        record_flags(recorded, flags, parsed)
+        return
+    changed = changed_flags(recorded, flags, parsed)
+    if changed:
+        raise UserError(f"{run_dir} holds checkpoints trained with other flags ({'; '.join(changed)}): pass "
+                        "--fresh to start over, or --runs_dir DIR to keep both")
+
+
+def record_flags(recorded_path: Path, flags: List[str], parsed: Sequence[Any]) -> None:
     Path(recorded_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(recorded_path).write_text(json.dumps(flag_values(flags), indent=1, sort_keys=True))
+    Path(recorded_path).write_text(json.dumps(run_settings(flags, parsed), indent=1, sort_keys=True))

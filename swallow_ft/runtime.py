@@ -29,10 +29,10 @@ from swallow_ft.local_core import (
     LocalCheckpointContext,
     LocalTrainContext,
     SignalPreemptContext,
-    changed_flags,
+    abort_message,
+    check_same_run,
     latest_checkpoint,
     read_jsonl,
-    record_flags,
     truncate_metrics,
 )
 from swallow_ft.preflight import startup_checks
@@ -174,37 +174,44 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
                        experiment.path, experiment.cluster_only_storage(), checkpoint_dir)
     flags = local_flags(cmd, experiment, run_dir)
     job = Job(experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+    launcher = not launched and needs_launcher(experiment, flags)
+    # Everything that can refuse the flags, data or model comes before the run directory is touched: --fresh deletes
+    # its checkpoints, and a mistyped flag must not cost them.
+    parsed = _parse_and_check(flags, experiment, launcher)
     if not launched:
         # Only the first process touches the run directory: children find it ready.
+        check_gpus(job, flags)
         if cmd.fresh:
             start_over(job)
         _remove(run_dir / "output")
-        check_same_run(job, flags)
-        check_gpus(job, flags)
-    if not launched and needs_launcher(experiment, flags):
-        # Fail fast, before starting N processes: everything but DeepSpeed's own set-up, which needs them.
-        model_args, data_args, training_args = parse_input_arguments({}, without_deepspeed(flags))
-        if "--deepspeed" in flags:  # the last occurrence wins, as in argparse
-            training_args.deepspeed = flags[len(flags) - 1 - flags[::-1].index("--deepspeed") + 1]
-        startup_checks(model_args, data_args, training_args, world_size=experiment.slots_per_trial if experiment else 1)
-        return job
-    job.model_args, job.data_args, job.training_args = parse_input_arguments({}, flags)
-    latest = latest_checkpoint(job.registry_path)
-    job.latest_checkpoint = latest["storage_id"] if latest else None
+        check_same_run(job.run_dir, job.registry_path, flags, parsed)
+    if not launcher:
+        job.model_args, job.data_args, job.training_args = parsed
+        latest = latest_checkpoint(job.registry_path)
+        job.latest_checkpoint = latest["storage_id"] if latest else None
     return job
 
 
-def check_same_run(job: Job, flags: List[str]) -> None:
-    """A run is found by its name, so a rerun with other flags would resume checkpoints trained differently (or
-    "finish" at once on someone else's adapter). Its flags are kept beside its registry and compared."""
-    recorded = job.run_dir / "flags.json"
-    if latest_checkpoint(job.registry_path) is None:
-        record_flags(recorded, flags)
-        return
-    changed = changed_flags(recorded, flags)
-    if changed:
-        raise UserError(f"{job.run_dir} holds checkpoints trained with other flags ({'; '.join(changed)}): pass "
-                        "--fresh to start over, or --runs_dir DIR to keep both")
+def _parse_and_check(flags: List[str], experiment: Optional[Experiment], launcher: bool) -> tuple:
+    from swallow_ft.data.loading import builder_for
+    from swallow_ft.model import check_local_model_path
+
+    if launcher:
+        # Fail fast, before starting N processes: everything but DeepSpeed's own set-up, which needs them.
+        parsed = parse_input_arguments({}, without_deepspeed(flags))
+        if "--deepspeed" in flags:  # the last occurrence wins, as in argparse
+            parsed[2].deepspeed = flags[len(flags) - 1 - flags[::-1].index("--deepspeed") + 1]
+        startup_checks(*parsed, world_size=experiment.slots_per_trial if experiment else 1)
+    else:
+        parsed = parse_input_arguments({}, flags)
+        startup_checks(*parsed)
+    # The model and data are first read once the run directory is set up: a path not there is caught before that.
+    model_args, data_args, _ = parsed
+    for name in filter(None, (model_args.tokenizer_name, model_args.model_name_or_path)):
+        check_local_model_path(name)
+    for path in filter(None, () if data_args.dataset_name else (data_args.train_file, data_args.validation_file)):
+        builder_for(path)
+    return parsed
 
 
 def check_gpus(job: Job, flags: List[str]) -> None:
@@ -314,8 +321,16 @@ def core_context(job: Job) -> Iterator[det.core.Context]:
     elif context.distributed.rank == 0:  # nothing to resume: what an earlier, killed attempt reported is void
         _remove(job.metrics_path)
         _remove(job.tensorboard_dir)
-    with context:
-        yield context
+    try:
+        with context:
+            yield context
+    except KeyboardInterrupt:  # SignalPreemptContext's second Ctrl-C: the user chose to lose the unsaved steps
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # the Trainer's, left open, redraws itself at exit
+            bar.close()
+        print(abort_message(job.registry_path), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def prepare(argv: Sequence[str]) -> Job:
@@ -332,7 +347,8 @@ def prepare(argv: Sequence[str]) -> Job:
             _die_with_parent(signal.SIGKILL)
         job = prepare_local(argv, launched=launched)
     if job.training_args is not None:
-        startup_checks(job.model_args, job.data_args, job.training_args)
+        if not job.is_local:  # prepare_local checked before touching the run directory
+            startup_checks(job.model_args, job.data_args, job.training_args)
         if job.training_args.deepspeed:
             _join_deepspeed_comm(job.training_args)
     return job

@@ -152,3 +152,16 @@ def test_bad_slots_per_trial_is_named(tmp_path, value):
     experiment = _experiment(tmp_path, f"resources: {{slots_per_trial: {value}}}\n")
     with pytest.raises(UserError, match=r"exp.yaml: resources.slots_per_trial must be an integer >= 0"):
         _ = experiment.slots_per_trial
+
+
+def test_preview_takes_a_search_experiment_without_pinning_its_searched_values():
+    """preview trains nothing, so the searched learning rate and LoRA rank need no value on its command line: they
+    do not change the tokens. Before, it refused with `a local run trains one trial: pass --learning_rate ...`."""
+    from swallow_ft.data.__main__ import parse
+
+    _, model_args, data_args = parse(["preview", "--config", "experiments/swallow_7b_search.yaml"])
+    assert model_args.model_name_or_path == "tokyotech-llm/Swallow-7b-instruct-v0.1"
+    assert (data_args.dataset_name, data_args.block_size, data_args.packing) == ("camel-ai/math", 2048, True)
+    assert model_args.lora_r == 8  # one trial's value; a flag still wins
+    _, model_args, _ = parse(["preview", "--config", "experiments/swallow_7b_search.yaml", "--lora_r", "32"])
+    assert model_args.lora_r == 32

@@ -92,3 +92,66 @@ def test_second_ctrl_c_aborts(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         preempt.close()
+
+
+BASE = ["--model_name_or_path", "m", "--train_file", "data/camel_math_ja.jsonl", "--output_dir", "o", "--use_cpu",
+        "true", "--max_steps", "3", "--learning_rate", "5e-3", "--use_lora", "--eval_strategy", "steps"]
+
+
+def _changed(tmp_path, recorded_flags, flags):
+    from swallow_ft.arguments import parse_input_arguments
+    from swallow_ft.local_core import changed_flags, record_flags
+
+    path = tmp_path / "flags.json"
+    if isinstance(recorded_flags, list):
+        record_flags(path, recorded_flags, parse_input_arguments({}, recorded_flags))
+    else:
+        path.write_text(recorded_flags)
+    return changed_flags(path, flags, parse_input_arguments({}, flags))
+
+
+@pytest.mark.parametrize("spelling", [
+    ["--learning_rate", "0.005"],
+    ["--learning-rate", "5e-3"],  # argparse's dash alias
+    ["--learning_rate=5E-3"],
+    ["--use_lora", "true"],
+    ["--evaluation_strategy", "steps"],  # the transformers 4 name
+    ["--lora_r", "16"],  # the default, now spelled out
+    ["--max_steps", "30", "--eval_strategy", "no"],  # RESUMABLE_FLAGS
+])
+def test_the_same_run_spelled_differently_resumes(tmp_path, spelling):
+    assert _changed(tmp_path, BASE, BASE + spelling) == []
+
+
+@pytest.mark.parametrize("spelling, change", [
+    (["--learning_rate", "1e-3"], "--learning_rate 0.005 -> 0.001"),
+    (["--use_lora", "false"], "--use_lora true -> false"),
+    (["--lora_r", "8"], "--lora_r 16 -> 8"),
+    (["--system_prompt", "x"], "--system_prompt (unset) -> x"),
+])
+def test_a_different_run_is_named_by_its_parsed_values(tmp_path, spelling, change):
+    assert _changed(tmp_path, BASE, BASE + spelling) == [change]
+
+
+def test_a_flags_json_from_before_parsed_values_is_still_read(tmp_path):
+    """It held each flag's text ({--flag: value}, a bare switch "")."""
+    old = json.dumps({"--model_name_or_path": "m", "--train_file": "data/camel_math_ja.jsonl", "--output_dir": "o",
+                      "--use_cpu": "true", "--max_steps": "3", "--learning_rate": "5e-3", "--use_lora": ""})
+    assert _changed(tmp_path, old, BASE + ["--learning_rate", "0.005"]) == []
+    assert _changed(tmp_path, old, BASE + ["--learning_rate", "1e-3"]) == ["--learning_rate 0.005 -> 0.001"]
+
+
+@pytest.mark.parametrize("record", ["not json", "[]", json.dumps({"--no_such_flag": "1"})])
+def test_an_unreadable_flags_json_does_not_block(tmp_path, record):
+    assert _changed(tmp_path, record, BASE + ["--learning_rate", "1e-3"]) == []
+
+
+def test_the_abort_line_names_the_step_a_rerun_resumes_from(tmp_path):
+    from swallow_ft.local_core import abort_message
+
+    assert abort_message(tmp_path / "checkpoints.jsonl") == "aborted: no checkpoint saved; a rerun starts from step 0"
+    (tmp_path / "checkpoints.jsonl").write_text(
+        "".join(json.dumps({"storage_id": s, "steps_completed": n, "searcher_metric": None}) + "\n"
+                for s, n in (("a", 20), ("b", 40))))
+    assert abort_message(tmp_path / "checkpoints.jsonl") == (
+        "aborted: no checkpoint saved after step 40; a rerun resumes from there")

@@ -145,8 +145,8 @@ def test_fresh_starts_over(tiny_model, tmp_path):
     other = run_clm(*args, "--learning_rate=1e-3", "--max_steps", 30)
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert other.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'local_tiny'} holds checkpoints trained with other flags (--learning_rate 5e-3 -> "
-        "1e-3): pass --fresh to start over, or --runs_dir DIR to keep both")
+        f"error: {tmp_path / 'local_tiny'} holds checkpoints trained with other flags (--learning_rate 0.005 -> "
+        "0.001): pass --fresh to start over, or --runs_dir DIR to keep both")
     result = run_clm(*args, "--max_steps", 10, "--fresh")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
@@ -182,3 +182,61 @@ def test_a_run_with_nothing_to_resume_drops_what_a_killed_attempt_reported(tiny_
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert stale not in rows and [r["steps_completed"] for r in rows if r["group"] == "training"] == [5]
     assert not (run_dir / "tensorboard" / "events.out.tfevents.stale").exists()
+
+
+SHORT = ["--config", CONFIG, "--max_steps", 2, "--save_steps", 2, "--eval_strategy", "no", "--logging_steps", 1]
+
+
+def _run_files(run_dir):
+    return {name: (run_dir / name).exists() for name in ("checkpoints", "checkpoints.jsonl", "metrics.jsonl",
+                                                          "tensorboard", "flags.json")}
+
+
+def test_fresh_with_a_mistake_refuses_before_deleting_anything(tiny_model, tmp_path):
+    """The reviewed data loss: --fresh deleted the checkpoints and metrics, then the flags were refused."""
+    assert run_clm(*SHORT, "--runs_dir", tmp_path).returncode == 0
+    run_dir = tmp_path / "local_tiny"
+    files, steps, metrics = _run_files(run_dir), registered_steps(run_dir), read_metrics(run_dir / "metrics.jsonl")
+    assert all(files.values()) and list(steps.values()) == [2]
+    mistakes = {
+        ("--lerning_rate", "1e-3"):
+            r"error: unknown run_clm\.py flag\(s\): --lerning_rate \(did you mean --learning_rate",
+        ("--train_file", "data/missing.jsonl"): r"error: data/missing\.jsonl: data file not found$",
+        ("--model_name_or_path", ".cache/nope"): r"error: --model_name_or_path \.cache/nope: no such directory$",
+    }
+    for mistake, message in mistakes.items():
+        for fresh in ([], ["--fresh"]):
+            result = run_clm(*SHORT, "--runs_dir", tmp_path, *mistake, *fresh)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+            assert re.match(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+            assert "trained with other flags" not in result.stderr  # the mistake is named, not a change of flags
+            assert _run_files(run_dir) == files and registered_steps(run_dir) == steps
+            assert read_metrics(run_dir / "metrics.jsonl") == metrics
+
+
+def test_the_same_flags_spelled_differently_resume(tiny_model, tmp_path):
+    assert run_clm(*SHORT, "--runs_dir", tmp_path).returncode == 0
+    again = run_clm(*SHORT, "--runs_dir", tmp_path, "--learning-rate", "0.005", "--use_lora", "true",
+                    "--evaluation_strategy", "no", "--lora_r=16")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is at step 2, which is --max_steps: nothing left to train" in again.stderr
+
+
+def test_a_second_ctrl_c_aborts_in_one_line(tiny_model, tmp_path):
+    run_dir = tmp_path / "local_tiny"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _start(["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 300, "--save_steps", 2,
+                       "--eval_strategy", "no"], log)
+        _wait_for_checkpoint(run_dir, proc)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 60
+        while "SIGINT received" not in (tmp_path / "run.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, "the first Ctrl-C was not acknowledged"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # before the next step boundary, where the first one would save
+        assert proc.wait(timeout=120) == 130
+    output = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    saved = max(registered_steps(run_dir).values())
+    assert output.strip().splitlines()[-1] == (
+        f"aborted: no checkpoint saved after step {saved}; a rerun resumes from there")

@@ -14,7 +14,7 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from swallow_ft.arguments import DataTrainingArguments, ModelArguments, normalize_flags
+from swallow_ft.arguments import DataTrainingArguments, ModelArguments, dict2args, normalize_flags, split_equals
 from swallow_ft.data.encoding import IGNORE
 from swallow_ft.data.loading import encode_example, load_raw_datasets, row_name, source_name
 from swallow_ft.data.shapes import detect_shape
@@ -35,7 +35,10 @@ def parse(argv):
     preview.add_argument("--format", choices=["text", "json"], default="text")
     options, flags = parser.parse_known_args(argv)
     if options.config:
-        flags = Experiment.load(options.config).flags(flags) + flags
+        # Searched hyperparameters (learning rate, LoRA rank) do not change the tokens: one trial's values will do.
+        experiment = Experiment.load(options.config)
+        sampled = experiment.sample_hparams().get("training_arguments") or {}
+        flags = split_equals(experiment.script_args()) + dict2args(sampled) + flags
     hf = HfArgumentParser((ModelArguments, DataTrainingArguments))
     model_args, data_args, rest = hf.parse_args_into_dataclasses(normalize_flags(flags), return_remaining_strings=True,
                                                                  look_for_args_file=False)
