@@ -106,6 +106,9 @@ REMOVED_FLAGS = {
     "--use_auth_token": "set HF_TOKEN in the environment instead",
     "--token": "set HF_TOKEN in the environment instead; tokens never belong in flags or hyperparameters",
 }
+# Flags that still exist but would carry a secret into runs/<name>/flags.json, every checkpoint's training_args.bin
+# and printed resume commands. hub_token is the only TrainingArguments field holding a secret in transformers 5.24.
+REFUSED_FLAGS = {"--hub_token": REMOVED_FLAGS["--token"]}
 DATACLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments)
 
 
@@ -115,7 +118,9 @@ LOCAL_USAGE = ("Without a Determined cluster: python run_clm.py --config EXPERIM
 
 class _Parser(HfArgumentParser):
     def __init__(self, dataclass_types):
-        super().__init__(dataclass_types, epilog=LOCAL_USAGE)
+        # No abbreviations: --hub_tok would otherwise reach the refused --hub_token, and --learning_rat be taken
+        # silently for --learning_rate.
+        super().__init__(dataclass_types, epilog=LOCAL_USAGE, allow_abbrev=False)
 
     def error(self, message):  # argparse would print the whole usage and exit; one line is enough
         raise UserError(f"run_clm.py: {message}")
@@ -151,17 +156,27 @@ def normalize_flags(args: Sequence[str]) -> List[str]:
     out = []
     for arg in split_equals(args):
         name, eq, value = arg.partition("=")
-        if name in REMOVED_FLAGS:
-            raise UserError(f"{name} no longer exists in transformers 5: remove it ({REMOVED_FLAGS[name]})")
+        canonical = _underscored(name)  # argparse takes --hub-token for --hub_token too
+        if canonical in REFUSED_FLAGS:
+            raise UserError(f"{name} is refused: remove it ({REFUSED_FLAGS[canonical]})")
+        if canonical in REMOVED_FLAGS:
+            raise UserError(f"{name} no longer exists in transformers 5: remove it ({REMOVED_FLAGS[canonical]})")
         out.append(RENAMED_FLAGS.get(name, name) + eq + value)
     return out
+
+
+def _underscored(flag: str) -> str:
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
 
 
 def _unknown_flag_error(unknown: Sequence[str]) -> UserError:
     flags = [a for a in unknown if a.startswith("-")] or list(unknown)
     hints = []
+    # Every flag is known in two spellings, --learning_rate and --learning-rate: suggest each once, and never a
+    # refused one.
+    candidates = sorted({_underscored(f) for f in known_flags()} - set(REFUSED_FLAGS))
     for flag in flags:
-        close = difflib.get_close_matches(flag.split("=")[0], known_flags(), n=2)
+        close = difflib.get_close_matches(_underscored(flag.split("=")[0]), candidates, n=2)
         hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
     return UserError(f"unknown run_clm.py flag(s): {', '.join(hints)}; `python run_clm.py --help` lists them")
 

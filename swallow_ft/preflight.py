@@ -66,8 +66,14 @@ def check_entrypoint(exp: Experiment, flags: List[str], found: Findings) -> None
                               "training_arguments keys become --flags, so rename or move it")
 
 
-def check_deepspeed_config(path: Path, training_args, slots: int, found: Findings, where: str) -> dict:
-    """Parse the DeepSpeed JSON and hold it to the Trainer's flags; returns the config ({} if broken)."""
+def check_deepspeed_config(path: Optional[Path], training_args, slots: int, found: Findings, where: str,
+                           name: str) -> dict:
+    """Parse the DeepSpeed JSON (path: where `--deepspeed name` was found, None if nowhere) and hold it to the
+    Trainer's flags; returns the config ({} if missing or broken)."""
+    if path is None or not path.is_file():
+        found.problems.append(f"{where}: --deepspeed {name}: file not found next to the experiment or in the "
+                              "context directory")
+        return {}
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -118,11 +124,8 @@ def check_data(data_args, found: Findings) -> None:
         return
     try:
         raw = load_raw_datasets(data_args)
-        for split, ds in raw.items():
+        for split, ds in raw.items():  # an empty file is refused by load_raw_datasets
             detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
-            if len(ds) == 0:
-                found.problems.append(
-                    f"{source_name(data_args, split)}: no rows; point --train_file at a non-empty file")
     except UserError as exc:
         found.problems.append(str(exc))
 
@@ -240,7 +243,7 @@ def startup_checks(model_args, data_args, training_args, world_size: Optional[in
     ds_config = {}
     if training_args.deepspeed:
         ds_config = check_deepspeed_config(Path(training_args.deepspeed), training_args, world_size, found,
-                                           "run_clm.py")
+                                           "run_clm.py", training_args.deepspeed)
     check_kernels(model_args, training_args, ds_config, found, "run_clm.py", on_this_machine=True)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     check_model_and_memory(model_args, data_args, training_args, world_size, ds_config, gpu_mem, found,
@@ -285,12 +288,8 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
     deepspeed_readable = True
     name = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
     if name:
-        ds_path = find_file(name, exp.path.parent)
-        if ds_path is None:
-            found.problems.append(f"{path}: --deepspeed {name}: file not found next to the experiment or in the "
-                                  "context directory")
-        else:
-            ds_config = check_deepspeed_config(ds_path, training_args, exp.slots_per_trial, found, str(path))
+        ds_config = check_deepspeed_config(find_file(name, exp.path.parent), training_args, exp.slots_per_trial,
+                                           found, str(path), name)
         deepspeed_readable = bool(ds_config)
     check_deepspeed_hyperparameter(hparams.get("deepspeed_config"), name, found, str(path))
     check_kernels(model_args, training_args, ds_config, found, str(path), on_this_machine=False)

@@ -35,6 +35,10 @@ def test_evaluation_strategy_is_an_alias_of_eval_strategy():
 
 @pytest.mark.parametrize("flags, message", [
     (["--lerning_rate", "1e-4"], r"unknown run_clm.py flag\(s\): --lerning_rate \(did you mean --learning_rate"),
+    (["--hub_token", "hf_SECRET"], r"^--hub_token is refused: remove it \(set HF_TOKEN in the environment instead; "
+                                   r"tokens never belong in flags or hyperparameters\)$"),
+    (["--hub-token=hf_SECRET"], "^--hub-token is refused: remove it"),
+    (["--hub_tok", "hf_SECRET"], r"unknown run_clm.py flag\(s\): --hub_tok \(did you mean --hub_strategy"),
     (["--overwrite_output_dir"], "--overwrite_output_dir no longer exists in transformers 5: remove it"),
     (["--token", "hf_abc"], "tokens never belong in flags"),
     (["--torch_dtype", "float8"], r"argument --torch_dtype/--torch-dtype: invalid choice: 'float8' \(choose from 'auto'"),
@@ -43,6 +47,33 @@ def test_evaluation_strategy_is_an_alias_of_eval_strategy():
 def test_bad_flags_get_one_line_errors(flags, message):
     with pytest.raises(UserError, match=message):
         parse_input_arguments({}, BASE + flags)
+
+
+def test_a_hub_token_in_training_arguments_is_refused():
+    with pytest.raises(UserError, match="^--hub_token is refused: remove it"):
+        parse_input_arguments({"training_arguments": {"hub_token": "hf_SECRET"}}, BASE)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--lerning_rate", "--lerning_rate (did you mean --learning_rate or --logging_strategy?)"),
+    ("--lerning-rate", "--lerning-rate (did you mean --learning_rate or --logging_strategy?)"),
+    # an abbreviation, which argparse would otherwise take silently
+    ("--learning_rat", "--learning_rat (did you mean --learning_rate or --logging_strategy?)"),
+])
+def test_unknown_flags_get_each_suggestion_once_in_the_underscore_spelling(flag, message):
+    with pytest.raises(UserError) as raised:
+        parse_input_arguments({}, BASE + [flag, "1"])
+    assert str(raised.value) == f"unknown run_clm.py flag(s): {message}; `python run_clm.py --help` lists them"
+
+
+def test_a_hub_token_on_the_command_line_is_refused_before_anything_is_written(tmp_path):
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", tmp_path, "--hub_token", "hf_SECRET")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "hf_SECRET" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --hub_token is refused: remove it (set HF_TOKEN in the environment instead; tokens never belong in "
+        "flags or hyperparameters)")
+    assert not any("hf_SECRET" in f.read_text() for f in tmp_path.rglob("*") if f.is_file())
 
 
 def test_missing_data_is_an_error():

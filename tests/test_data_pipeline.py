@@ -277,3 +277,55 @@ def test_preview_text_marks_trained_spans(tiny_model):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "data/chat_ja.jsonl line 1 · swallow-instruct-v0.1" in result.stdout
     assert "[/INST]⟦ 32 + 13 = 45 です。 </s>⟧<s> [INST] その答えを 4 倍にしてください。 [/INST]⟦" in result.stdout
+
+
+NO_ROWS = ": no rows: add examples to it or point --train_file at another file"
+BROKEN_FILES = {  # name: (contents, message after the path)
+    "empty.jsonl": ("", NO_ROWS),
+    "blank_lines.jsonl": ("\n  \n", NO_ROWS),
+    "empty_array.json": ("[]\n", NO_ROWS),
+    "header_only.csv": ("message_1,message_2\n", NO_ROWS),
+    # line 4, past a blank line: what an editor shows
+    "broken.jsonl": ('{"text": "a"}\n{"text": "b"}\n\n{"text" "c"}\n{"text": "d"}\n',
+                     " line 4: not valid JSON (Expecting ':' delimiter): fix or remove the line"),
+    "pretty.json": ('[\n  {"text": "a"},\n  {"text" "b"}\n]\n',
+                    " line 3: not valid JSON (Expecting ':' delimiter at column 11): fix it"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_FILES)
+def test_empty_or_malformed_files_name_the_file_and_line(name, tmp_path):
+    from swallow_ft.data.loading import load_raw_datasets
+
+    contents, message = BROKEN_FILES[name]
+    path = tmp_path / name
+    path.write_text(contents)
+    with pytest.raises(UserError) as raised:
+        load_raw_datasets(DataTrainingArguments(train_file=str(path)), cache_dir=str(tmp_path / "cache"))
+    assert str(raised.value) == f"{path}{message}"
+
+
+def test_an_empty_validation_file_names_its_flag_and_good_files_stay_cached(tmp_path):
+    from swallow_ft.data.loading import load_raw_datasets
+
+    empty = tmp_path / "val.jsonl"
+    empty.write_text("")
+    args = DataTrainingArguments(train_file=str(REPO / "data/camel_math_ja.jsonl"), validation_file=str(empty))
+    with pytest.raises(UserError, match=f"^{empty}: no rows: add examples to it or point --validation_file at"):
+        load_raw_datasets(args, cache_dir=str(tmp_path / "cache"))
+    good = data_args()
+    first = load_raw_datasets(good, cache_dir=str(tmp_path / "cache"))["train"].cache_files
+    assert first and load_raw_datasets(good, cache_dir=str(tmp_path / "cache"))["train"].cache_files == first
+
+
+def test_preview_of_a_broken_file_is_one_line_without_a_traceback(tiny_model, tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(30)) + '{"text": "a",\n')
+    result = subprocess.run([sys.executable, "-m", "swallow_ft.data", "preview", "--model_name_or_path",
+                             str(tiny_model), "--train_file", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {path} line 31: not valid JSON (Expecting property name enclosed in double quotes): fix or remove "
+        "the line")

@@ -196,6 +196,14 @@ def test_data_with_unknown_columns_and_empty_files(make_experiment, tmp_path):
     odd.write_text('{"prompt": "q", "answer": "a"}\n')
     path = make_experiment(entrypoint=lambda e: e.replace(str(REPO / "data/camel_math_ja.jsonl"), str(odd)))
     assert any("no known shape in columns prompt, answer" in p for p in check_experiment(path).problems)
+    empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+    empty.write_text("")
+    broken.write_text('{"text": "a"}\n\n{"text": "b"\n')
+    for data, message in (
+            (empty, f"{empty}: no rows: add examples to it or point --train_file at another file"),
+            (broken, f"{broken} line 3: not valid JSON (Expecting ',' delimiter): fix or remove the line")):
+        path = make_experiment(entrypoint=lambda e: e.replace(str(REPO / "data/camel_math_ja.jsonl"), str(data)))
+        assert message in check_experiment(path).problems
 
 
 def test_memory_that_does_not_fit_says_what_would(tmp_path):
@@ -236,6 +244,18 @@ def test_run_clm_refuses_a_broken_deepspeed_config_before_starting_ranks(tiny_mo
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {broken}: not valid JSON (Extra data at line 1 column 36); fix it or start from ds_configs/")
     assert "launching" not in result.stderr
+
+
+def test_run_clm_refuses_a_missing_deepspeed_config_with_one_line(tiny_model, tmp_path):
+    from conftest import run_clm
+
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", tmp_path, "--deepspeed",
+                     "ds_configs/nope.json")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: run_clm.py: --deepspeed ds_configs/nope.json: file not found next to the experiment or in the context "
+        "directory")
 
 
 def test_notebook_config_has_room_for_70b_in_bf16():

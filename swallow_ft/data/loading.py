@@ -5,8 +5,10 @@ The reference's HF run_clm took the *first* column, which for camel-ai/math is `
 row becomes a conversation in the model's own prompt format, with loss on the replies only.
 """
 
+import csv
 import functools
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -50,7 +52,8 @@ class PreparedData:
         return {"prompt_format": self.prompt_format.name, "system_prompt": self.system_prompt}
 
 
-def _builder_for(path: str) -> str:
+def builder_for(path: str) -> str:
+    """The datasets builder for a local data file (json, csv, parquet); a UserError if it is missing or unsupported."""
     suffix = Path(path).suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .csv or .parquet")
@@ -65,10 +68,72 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None) -> Datas
     files = {"train": data_args.train_file}
     if data_args.validation_file:
         files["validation"] = data_args.validation_file
-    builders = {_builder_for(f) for f in files.values()}
+    builders = {builder_for(f) for f in files.values()}
     if len(builders) > 1:
         raise UserError(f"--train_file and --validation_file must have the same type, got {sorted(builders)}")
-    return load_dataset(builders.pop(), data_files=files, cache_dir=cache_dir)
+    try:
+        raw = load_dataset(builders.pop(), data_files=files, cache_dir=cache_dir)
+    except Exception:
+        # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
+        # naming neither the file nor the line; the files are read again here, only once it has failed.
+        for split, path in files.items():
+            problem = _file_problem(path, split)
+            if problem:
+                raise UserError(problem) from None
+        raise
+    for split, ds in raw.items():
+        if len(ds) == 0:
+            raise UserError(_no_rows(files[split], split))
+    return raw
+
+
+def _no_rows(path: str, split: str) -> str:
+    return f"{path}: no rows: add examples to it or point --{split}_file at another file"
+
+
+def _file_problem(path: str, split: str) -> Optional[str]:
+    """Why a local file cannot be read as rows, naming the line where there is one; None if nothing is found."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = sum(1 for _, row in zip(range(2), csv.reader(f)) if row)
+        return _no_rows(path, split) if rows < 2 else None  # the first row is the header
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            empty = pyarrow.parquet.read_metadata(path).num_rows == 0
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+            return f"{path}: not a readable Parquet file ({' '.join(str(exc).split())}): write it again"
+        return _no_rows(path, split) if empty else None
+    rows = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                if rows == 0 and suffix == ".json":
+                    return _json_document_problem(path, split)  # a .json file may be one (pretty-printed) document
+                return f"{path} line {number}: not valid JSON ({getattr(exc, 'msg', exc)}): fix or remove the line"
+            if rows == 0 and suffix == ".json" and not isinstance(row, dict):
+                return _json_document_problem(path, split)
+            if not isinstance(row, dict):
+                return (f"{path} line {number}: a JSON {type(row).__name__}, not an object: each line must be one "
+                        "row {...}: fix or remove the line")
+            rows += 1
+    return None if rows else _no_rows(path, split)
+
+
+def _json_document_problem(path: str, split: str) -> Optional[str]:
+    try:
+        document = json.loads(Path(path).read_bytes())
+    except UnicodeDecodeError as exc:
+        return f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8"
+    except ValueError as exc:
+        return f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}): fix it"
+    return _no_rows(path, split) if document == [] else None
 
 
 def source_name(data_args: DataTrainingArguments, split: str) -> str:
