@@ -4,7 +4,8 @@
         --prompts data/eval_prompts_ja.jsonl --out runs/local_tiny/comparison
 
 --tuned takes an adapter directory, a merged model directory, or any checkpoint source that
-`python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined checkpoint, a local run dir, ...).
+`python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined checkpoint, a local run dir, a UUID with
+--storage DIR, ...). Every input (checkpoint, prompts file and rows, prompt format) is checked before any weights load.
 With an adapter only one copy of the base is loaded: the base answers with the adapter switched off.
 Prompts are rendered in the prompt format and with the system prompt that the run recorded in its checkpoint's
 user_data.json (--prompt_format / --system_prompt override them; without a record, the format is chosen from the
@@ -45,6 +46,7 @@ class Example:
 
 def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str = "auto",
                   system_prompt: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
+    """The prompts rendered and tokenised; needs only the tokenizer, so bad files and rows fail before weights."""
     from swallow_ft.arguments import DataTrainingArguments
 
     rows = load_raw_datasets(DataTrainingArguments(train_file=prompts))["train"]
@@ -131,28 +133,47 @@ def prompt_settings(checkpoint: Path, prompt_format: Optional[str] = None,
 
 
 class SideBySide:
-    """The tokenizer and both models, loaded once: for compare() and for trying prompts in the notebook.
+    """The tokenizer and both models: for compare() and for trying prompts in the notebook.
 
+    Construction checks every input and loads the tokenizer (and a LoRA adapter's small weights); the models load
+    once, on first use or load(), so that examples() can reject a bad prompts file before minutes of loading.
     prompt_format and system_prompt default to what the tuned run trained with (see prompt_settings).
+    storage: the checkpoint storage directory when --tuned is a checkpoint UUID (as export's --storage).
     """
 
     def __init__(self, base: str, tuned: str, prompt_format: Optional[str] = None, system_prompt: Optional[str] = None,
-                 dtype: str = "auto", device_map: Optional[str] = None):
+                 dtype: str = "auto", device_map: Optional[str] = None, storage: Optional[str] = None):
         from swallow_ft.arguments import ModelArguments
-        from swallow_ft.export import resolve_checkpoint
+        from swallow_ft.export import resolve_base, resolve_checkpoint
         from swallow_ft.model import load_tokenizer
 
         self.base_name, self.tuned_name = base, tuned
-        checkpoint = resolve_checkpoint(tuned)  # once: on a cluster this downloads it
+        self._base = resolve_base(base, flag="--base")
+        checkpoint = resolve_checkpoint(tuned, storage, flag="--tuned")  # once: on a cluster this downloads it
         self.prompt_format, self.system_prompt = prompt_settings(checkpoint, prompt_format, system_prompt)
-        self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=base))
+        self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=self._base))
         self.tokenizer.padding_side = "left"
-        self.base_model, self.tuned_model, self.as_base = _load_models(base, tuned, checkpoint, dtype, device_map)
+        self._format("messages")  # an unknown --prompt_format fails now, not after the weights have loaded
+        self._adapter = _adapter_of(tuned, checkpoint)
+        self._tuned_model_dir = tuned if self._adapter is None else None
+        self._dtype, self._device_map = dtype, device_map
+        self.base_model = self.tuned_model = self.as_base = None
+
+    def load(self) -> "SideBySide":
+        """Load the weights now (answers() and losses() do on first use); once only."""
+        if self.tuned_model is None:
+            self.base_model, self.tuned_model, self.as_base = _load_models(
+                self._base, self._tuned_model_dir, self._adapter, self._dtype, self._device_map)
+        return self
+
+    def _format(self, shape: str):
+        return choose_format(self.prompt_format, self.base_name, self.tokenizer, shape)
 
     def examples(self, prompts: str, limit: Optional[int] = None) -> List[Example]:
         return load_examples(prompts, self.tokenizer, self.base_name, self.prompt_format, self.system_prompt, limit)
 
     def answers(self, examples: List[Example], max_new_tokens: int = 64, batch_size: int = 8):
+        self.load()
         with self.as_base():
             base = generate(self.base_model, self.tokenizer, examples, max_new_tokens, batch_size, "base")
         tuned = generate(self.tuned_model, self.tokenizer, examples, max_new_tokens, batch_size, "tuned")
@@ -160,6 +181,7 @@ class SideBySide:
 
     def losses(self, examples: List[Example], batch_size: int = 8):
         pad = self.tokenizer.pad_token_id
+        self.load()
         with self.as_base():
             base = reference_loss(self.base_model, examples, batch_size, pad)
         return base, reference_loss(self.tuned_model, examples, batch_size, pad)
@@ -167,7 +189,7 @@ class SideBySide:
     def ask(self, question: str, max_new_tokens: int = 64) -> Dict[str, str]:
         """One free-form prompt, answered by both models in the training format."""
         conv = Conversation(turns=[Turn(question, "")])
-        fmt = choose_format(self.prompt_format, self.base_name, self.tokenizer, "messages")
+        fmt = self._format("messages")
         ids, _ = encode(fmt.render(conv, self.tokenizer, self.system_prompt, for_generation=True), self.tokenizer,
                         fmt.literal_specials)
         example = Example(0, question, "", ids, ids, [IGNORE] * len(ids))
@@ -175,7 +197,8 @@ class SideBySide:
         return {"base": base[0], "tuned": tuned[0]}
 
 
-def _load_models(base: str, tuned: str, checkpoint: Path, dtype: str, device_map: Optional[str]):
+def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tuple], dtype: str,
+                 device_map: Optional[str]):
     """(base_model, tuned_model, base_context): base_context() switches the adapter off when shared."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -183,10 +206,9 @@ def _load_models(base: str, tuned: str, checkpoint: Path, dtype: str, device_map
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
 
-    adapter = _adapter_of(tuned, checkpoint)
     base_model = load(base)
     if adapter is None:
-        return base_model, load(tuned), contextlib.nullcontext
+        return base_model, load(tuned_model_dir), contextlib.nullcontext
     from swallow_ft.export import write_adapter
 
     # Written out only for peft's loader, which reads it into memory: nothing is left in /tmp.
@@ -212,9 +234,9 @@ def _adapter_of(tuned: str, checkpoint: Path) -> Optional[tuple]:
 def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optional[str] = None,
             system_prompt: Optional[str] = None, max_new_tokens: int = 64, batch_size: int = 8,
             limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
-            models: Optional[SideBySide] = None) -> Dict:
-    models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map)
-    examples = models.examples(prompts, limit)
+            models: Optional[SideBySide] = None, storage: Optional[str] = None) -> Dict:
+    models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map, storage)
+    examples = models.examples(prompts, limit)  # before models.answers() loads the weights
     base_answers, tuned_answers = models.answers(examples, max_new_tokens, batch_size)
     base_loss, tuned_loss = models.losses(examples, batch_size)
     rows = [{"index": e.index, "prompt": e.question, "reference": e.reference, "base": b, "tuned": t,
@@ -287,7 +309,8 @@ def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swallow_ft.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="base model: Hub id or directory")
-    parser.add_argument("--tuned", required=True, help="adapter dir, merged model dir, or a checkpoint source")
+    parser.add_argument("--tuned", required=True,
+                        help="adapter dir, merged model dir, or a checkpoint source (a UUID with --storage DIR)")
     parser.add_argument("--prompts", required=True, help="json/jsonl/csv/parquet in a shape run_clm.py reads")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     parser.add_argument("--prompt_format", help="default: the run's (from its checkpoint), else auto")
@@ -297,11 +320,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, help="only the first N prompts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device_map", help='e.g. "auto" to spread a 70B model over the GPUs')
+    parser.add_argument("--storage", help="checkpoint storage directory holding <uuid>/ (for a UUID --tuned)")
     args = parser.parse_args(argv)
 
     def run():
         summary = compare(args.base, args.tuned, args.prompts, args.out, args.prompt_format, args.system_prompt,
-                          args.max_new_tokens, args.batch_size, args.n, args.dtype, args.device_map)
+                          args.max_new_tokens, args.batch_size, args.n, args.dtype, args.device_map,
+                          storage=args.storage)
         print(f"\n{summary_table(summary)}\n\nreport: {args.out / 'comparison.md'} "
               f"(rows: {args.out / 'comparison.jsonl'})")
 

@@ -1,6 +1,6 @@
 """Export a fine-tuned checkpoint as a standalone Hugging Face model directory.
 
-    python -m swallow_ft.export SOURCE --out DIR [--base MODEL] [--adapter-only] [--dtype bfloat16] [--storage DIR]
+    python -m swallow_ft.export SOURCE --out DIR [--base MODEL] [--adapter-only] [--dtype DTYPE] [--storage DIR]
 
 SOURCE is a `checkpoint-N` directory, a Determined checkpoint directory (metadata.json + checkpoint-N/),
 a local run directory (runs/local_tiny: its latest registered checkpoint), a UUID with --storage DIR, or on
@@ -36,8 +36,13 @@ REBUILD_FIX = "re-save with ds_configs/ds_config_stage_3.json"
 
 
 # ----- where the checkpoint is ------------------------------------------------------------------
-def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir: Optional[Path] = None) -> Path:
-    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster)."""
+def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir: Optional[Path] = None,
+                       flag: str = "") -> Path:
+    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster).
+
+    flag: the option SOURCE came from (compare's --tuned), so that errors name what the user typed.
+    """
+    named = f"{flag} {source}" if flag else source
     if storage:
         path = Path(storage).expanduser() / source
         if not path.is_dir():
@@ -47,8 +52,8 @@ def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir:
     if path.exists():
         return _checkpoint_in(path)
     if UUID_RE.match(source) or source.startswith("best:"):
-        return _download(source, Path(download_dir or "checkpoints"))
-    raise UserError(f"{source}: no such checkpoint directory; pass a checkpoint-N directory, a Determined "
+        return _download(source, Path(download_dir or "checkpoints"), named)
+    raise UserError(f"{named}: no such checkpoint directory; pass a checkpoint-N directory, a Determined "
                     "checkpoint directory, a run directory such as runs/local_tiny, or a UUID with --storage DIR")
 
 
@@ -78,11 +83,11 @@ def _latest_of_run(run_dir: Path) -> Path:
     return _checkpoint_in(ckpt)
 
 
-def _download(source: str, download_dir: Path) -> Path:
+def _download(source: str, download_dir: Path, named: str) -> Path:
     import determined as det
 
     if not (os.environ.get("DET_MASTER") or os.environ.get("DET_MASTER_ADDR") or det.get_cluster_info()):
-        raise UserError(f"{source}: not a local path and no Determined master is configured; pass --storage DIR "
+        raise UserError(f"{named}: not a local path and no Determined master is configured; pass --storage DIR "
                         "(the directory holding <uuid>/) or set DET_MASTER to fetch it from the cluster")
     # Untested here (no master in CI): two calls of determined.experimental.client, kept minimal on purpose.
     from determined.experimental import client
@@ -177,15 +182,37 @@ def _read_adapter(ckpt_dir: Path) -> tuple:
 
 
 # ----- building the model -----------------------------------------------------------------------
-def _resolve_base(name: str) -> str:
-    """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged."""
+def resolve_base(name: str, flag: str = "") -> str:
+    """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged.
+
+    flag: the option NAME came from (compare's --base); without one NAME may be adapter_config.json's.
+    """
     for candidate in (Path(name).expanduser(), REPO / name) if name else ():
         if candidate.is_dir():
             return str(candidate)
-    if not name or name.startswith((".", "/", "~")):
-        raise UserError(f"{name or 'adapter_config.json base_model_name_or_path (empty)'}: base model directory "
-                        "not found; pass --base MODEL, the base the adapter was trained on")
-    return name
+    if name and not name.startswith((".", "/", "~")):
+        return name
+    if flag:
+        raise UserError(f"{flag} {name}: no such directory; pass the base model's directory or its Hub id")
+    raise UserError(f"{name or 'adapter_config.json base_model_name_or_path (empty)'}: base model directory "
+                    "not found; pass --base MODEL, the base the adapter was trained on")
+
+
+def _dtype_for(model, whose: str, dtype: Optional[str]) -> tuple:
+    """(dtype, why, for the report): --dtype, else the one MODEL's config.json records, so that a float32 base is
+    not rounded to 16 bits on export; bfloat16 only when the config names none. Reads the config alone."""
+    from transformers import AutoConfig
+
+    if dtype:
+        return dtype, "--dtype"
+    config = AutoConfig.from_pretrained(str(model))
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if recorded is None:
+        return "bfloat16", f"{whose} config.json names no dtype; --dtype to change"
+    name = str(recorded).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UserError(f"{model}/config.json: dtype {name} is not one of {', '.join(DTYPES)}; pass --dtype")
+    return name, f"{whose} own, from its config.json; --dtype to change"
 
 
 @contextlib.contextmanager
@@ -247,20 +274,22 @@ def _full_model(ckpt_dir: Path, dtype):
 
 
 # ----- writing ----------------------------------------------------------------------------------
-def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype: str) -> tuple:
+def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype: Optional[str]) -> tuple:
     """Write the model (or adapter) weights and config; returns (what was done, the resolved base or None)."""
     if not (ckpt / "adapter_config.json").is_file():
         if adapter_only:
             raise UserError(f"{ckpt}: no adapter here (a full fine-tuning checkpoint); drop --adapter-only")
+        dtype, why = _dtype_for(ckpt, "the checkpoint's", dtype)  # a fully fine-tuned model is its own base
         model, how = _full_model(ckpt, DTYPES[dtype])
         model.save_pretrained(model_dir)
-        return f"fully fine-tuned model from {how}, {dtype}", _resolve_base(base) if base else None
+        return f"fully fine-tuned model from {how}, {dtype} ({why})", resolve_base(base) if base else None
     config, state, rebuilt = _read_adapter(ckpt)
-    base_name = _resolve_base(base or config.get("base_model_name_or_path") or "")
+    base_name = resolve_base(base or config.get("base_model_name_or_path") or "")
     lora = f"adapter of r={config.get('r')}, alpha={config.get('lora_alpha')}{rebuilt}"
     if not adapter_only:
+        dtype, why = _dtype_for(base_name, "the base's", dtype)
         merge(base_name, config, state, dtype).save_pretrained(model_dir)
-        return f"merged {lora} into {base_name}, {dtype}", base_name
+        return f"merged {lora} into {base_name}, {dtype} ({why})", base_name
     # Written as trained: LoRA weights are small and kept in fp32 by peft, so --dtype is not applied.
     # A local base is recorded by its absolute path: a relative one would only load from the directory it is
     # relative to. Hub ids stay as they are.
@@ -279,11 +308,14 @@ def write_adapter(directory: Path, adapter_config: dict, adapter_state: dict) ->
     return directory
 
 
-def export(source, out: Path, base=None, adapter_only=False, dtype="bfloat16", storage=None) -> Path:
-    """Write SOURCE as a model directory at OUT that loads with AutoModelForCausalLM.from_pretrained."""
+def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage=None) -> Path:
+    """Write SOURCE as a model directory at OUT that loads with AutoModelForCausalLM.from_pretrained.
+
+    dtype: None writes the weights in the base model's own dtype (see _dtype_for).
+    """
     from transformers import AutoTokenizer
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -317,7 +349,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the model directory to write")
     parser.add_argument("--base", help="base model for an adapter (default: adapter_config.json's)")
     parser.add_argument("--adapter-only", action="store_true", help="write the adapter, do not merge it")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="of the written weights (default: the base model's own, from its config.json; "
+                             "bfloat16 if it names none)")
     parser.add_argument("--storage", help="checkpoint storage directory holding <uuid>/ (for a UUID source)")
     args = parser.parse_args(argv)
     return exit_code_of(lambda: export(args.source, args.out, base=args.base, adapter_only=args.adapter_only,

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 from conftest import REPO, run_clm
+from transformers import AutoModelForCausalLM
 
 from swallow_ft.arguments import DataTrainingArguments
-from swallow_ft.compare import SideBySide, compare, prompt_settings
+from swallow_ft.compare import SideBySide, compare, main, prompt_settings
 from swallow_ft.data.loading import encode_example, load_raw_datasets
 from swallow_ft.data.templates import FORMATS
 from swallow_ft.export import resolve_checkpoint
@@ -93,3 +94,51 @@ def test_cli_prints_where_the_report_is(trained_run, tiny_model, tmp_path):
                           str(trained_run), "--prompts", "data/nope.jsonl"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "error: data/nope.jsonl: data file not found" in bad.stderr
+
+
+def test_cli_takes_a_checkpoint_uuid_with_storage(trained_run, tiny_model, tmp_path, capsys):
+    uuid_dir = resolve_checkpoint(str(trained_run)).parent  # runs/local_tiny/checkpoints/<uuid>
+    models = SideBySide(str(tiny_model), uuid_dir.name, storage=str(uuid_dir.parent))
+    assert (models.prompt_format, models.system_prompt) == (FORMAT, SYSTEM)  # the same run's record
+    out = tmp_path / "report"
+    assert main(["--base", str(tiny_model), "--tuned", uuid_dir.name, "--storage", str(uuid_dir.parent),
+                 "--prompts", PROMPTS, "--out", str(out), "--n", "1", "--max_new_tokens", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["tuned_model"] == uuid_dir.name
+
+
+TEXT_ROWS = '{"text": "53 と 50 の和は 103 です。"}\n'
+BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 103}\n'
+
+
+@pytest.mark.parametrize("flags, files, error", [
+    (["--prompts", "{tmp}/nope.jsonl"], {}, "{tmp}/nope.jsonl: data file not found"),
+    (["--prompts", "{tmp}/text.jsonl"], {"text.jsonl": TEXT_ROWS},
+     "{tmp}/text.jsonl: compare needs prompts with reference answers, not `text` rows"),
+    (["--prompts", "{tmp}/bad.jsonl"], {"bad.jsonl": BAD_ROW},
+     "{tmp}/bad.jsonl line 1: message_2 must be a string, got int; convert it to text"),
+    (["--prompt_format", "llama-3"], {}, "--prompt_format 'llama-3' is not one of auto, swallow-instruct-v0.1, "
+     "swallow-instruct-v0, llama3, chat_template, none"),
+    (["--base", ".cache/tiny-swalow"], {},
+     "--base .cache/tiny-swalow: no such directory; pass the base model's directory or its Hub id"),
+    (["--tuned", "{tmp}/local_tny"], {}, "--tuned {tmp}/local_tny: no such checkpoint directory; pass a "
+     "checkpoint-N directory, a Determined checkpoint directory, a run directory such as runs/local_tiny, or a UUID "
+     "with --storage DIR"),
+    (["--storage", "{tmp}"], {}, "{tmp}/{uuid}: no such checkpoint in --storage {tmp} (its subdirectories are UUIDs)"),
+], ids=["missing-prompts", "text-rows", "bad-row", "unknown-format", "base-typo", "tuned-typo", "wrong-storage"])
+def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error, trained_run, tiny_model, tmp_path,
+                                                               capsys, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the inputs were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    uuid = resolve_checkpoint(str(trained_run)).parent.name
+    given = {"--base": str(tiny_model), "--tuned": str(trained_run), "--prompts": PROMPTS}
+    given.update(zip(flags[::2], (f.format(tmp=tmp_path) for f in flags[1::2])))
+    if "--storage" in given:
+        given["--tuned"] = uuid
+    assert main([part for pair in given.items() for part in pair]) == 2
+    err = capsys.readouterr().err  # after any progress bars of the datasets library
+    assert f"\n{err}".endswith(f"\nerror: {error.format(tmp=tmp_path, uuid=uuid)}\n")
+    assert err.count("error:") == 1

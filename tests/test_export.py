@@ -204,13 +204,33 @@ def test_full_fine_tuning_without_saved_weights_is_consolidated_from_zero3_shard
     assert AutoModelForCausalLM.from_pretrained(from_shards).dtype == torch.bfloat16
 
 
-def test_cli_exports_a_run_directory(lora_run, tmp_path):
+def config_dtype(model_dir):
+    return json.loads((Path(model_dir) / "config.json").read_text())["dtype"]
+
+
+def test_cli_exports_a_run_directory_in_the_base_dtype(lora_run, tiny_model, tmp_path):
     out = tmp_path / "model"
     result = subprocess.run([sys.executable, "-m", "swallow_ft.export", str(lora_run), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"wrote {out}: merged adapter of r=16, alpha=32 into .cache/tiny-swallow, bfloat16" in result.stdout
-    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    # Not bfloat16 for a float32 base: rounding the merged weights cost the adapter's char F1.
+    assert config_dtype(tiny_model) == config_dtype(out) == "float32"
+    assert f"wrote {out}: merged adapter of r=16, alpha=32 into .cache/tiny-swallow, float32 (the base's own, from " \
+           "its config.json; --dtype to change)" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+
+
+def test_dtype_overrides_the_base_dtype_and_bfloat16_is_only_the_fallback(lora_run, tiny_model, tmp_path, capsys):
+    export(lora_run, tmp_path / "bf16", dtype="bfloat16")
+    assert config_dtype(tmp_path / "bf16") == "bfloat16"
+    assert ", bfloat16 (--dtype) (checkpoint" in capsys.readouterr().out
+    untyped = shutil.copytree(tiny_model, tmp_path / "untyped-base")
+    config = json.loads((untyped / "config.json").read_text())
+    del config["dtype"]
+    (untyped / "config.json").write_text(json.dumps(config))
+    export(lora_run, tmp_path / "fallback", base=str(untyped))
+    assert config_dtype(tmp_path / "fallback") == "bfloat16"
+    assert ", bfloat16 (the base's config.json names no dtype; --dtype to change)" in capsys.readouterr().out
 
 
 def test_cli_missing_source_exits_2_with_one_line(tmp_path, capsys):
