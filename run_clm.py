@@ -7,6 +7,7 @@ Locally, from the same experiment file (checkpoints and metrics under runs/<name
 """
 
 import logging
+import signal
 import sys
 
 from transformers import set_seed
@@ -72,3 +73,6 @@ if __name__ == "__main__":
         if runtime.is_chief_process():
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training (once it runs, a Ctrl-C is a preemption)
+        print("aborted before training started", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -259,9 +259,12 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
     env = {**os.environ, LAUNCHED_ENV: "1", PREEMPT_FILE_ENV: str(preempt_file), PORTS_ENV: _free_ports(2)}
     child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
+    aborted = []
+
     def preempt(signum, _frame):
         if signum == signal.SIGINT and preempt_file.exists():
             os.killpg(child.pid, signal.SIGKILL)
+            aborted.append(signum)
             return
         preempt_file.touch()
         logger.warning("%s received: the ranks save a checkpoint at the next step boundary, then exit "
@@ -269,7 +272,11 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
 
     previous = {sig: signal.signal(sig, preempt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        code = child.wait()
+        if aborted:
+            print(abort_message(job.registry_path), file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -87,6 +87,9 @@ def test_a_second_ctrl_c_aborts_every_rank_even_beside_another_runs_ports(tiny_m
     finally:
         for s in held:
             s.close()
+    assert proc.returncode == 130
+    assert (f"aborted: no checkpoint saved after step {max(before.values())}; a rerun resumes from there"
+            in log_path.read_text())
     time.sleep(0.5)
     survivors = subprocess.run(["pgrep", "-f", f"--runs_dir {tmp_path}"], capture_output=True, text=True).stdout
     assert survivors == "", log_path.read_text()[-3000:]

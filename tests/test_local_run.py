@@ -241,3 +241,16 @@ def test_a_second_ctrl_c_aborts_in_one_line(tiny_model, tmp_path):
     saved = max(registered_steps(run_dir).values())
     assert output.strip().splitlines()[-1] == (
         f"aborted: no checkpoint saved after step {saved}; a rerun resumes from there")
+
+
+def test_a_ctrl_c_before_training_ends_in_one_line():
+    """Before the run's signal handler exists, Ctrl-C raises KeyboardInterrupt wherever the process is (here: in the
+    set-up that parses, checks and loads)."""
+    script = ("import runpy, swallow_ft.runtime as runtime\n"
+              "def prepare(argv):\n    raise KeyboardInterrupt\n"
+              "runtime.prepare = prepare\n"
+              "runpy.run_path('run_clm.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script, "--config", CONFIG], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "aborted before training started"
