@@ -72,8 +72,9 @@ class SwallowTrainer(Trainer):
         return fuse and not self.is_deepspeed_enabled
 
     def _finished_state(self, checkpoint: Optional[str]) -> Optional[TrainerState]:
-        """The checkpoint's state if it already holds all --max_steps. The Trainer would train one more step: it
-        resumes mid-epoch when --max_steps is not a whole number of epochs and checks the limit only after a step."""
+        """The checkpoint's state if it already holds all the run's steps (--max_steps, or what --num_train_epochs
+        comes to). The Trainer would train one more step: it resumes mid-epoch when they are not a whole number of
+        epochs and checks the limit only after a step."""
         if checkpoint is True:  # the Trainer's own spelling of "the latest in output_dir"
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if not isinstance(checkpoint, str):
