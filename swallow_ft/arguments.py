@@ -6,6 +6,7 @@ occurrence): the entrypoint's arguments after `run_clm.py`, `hyperparameters.tra
 """
 
 import difflib
+import functools
 import os
 import re
 import sys
@@ -134,9 +135,15 @@ def dict2args(hparams: Dict[str, Any]) -> List[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def flag_fields() -> Dict[str, str]:
+    """Every spelling of every run_clm.py flag (--x_y, --x-y, --no_x) -> the dataclass field it sets."""
+    return {flag: action.dest for action in HfArgumentParser(DATACLASSES)._actions
+            for flag in action.option_strings if flag.startswith("--")}
+
+
 def known_flags() -> List[str]:
-    parser = HfArgumentParser(DATACLASSES)
-    return sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    return sorted(flag_fields())
 
 
 FLAG_NAME = re.compile(r"--[A-Za-z_][\w-]*$")

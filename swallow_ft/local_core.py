@@ -208,12 +208,10 @@ def run_settings(flags: List[str], parsed: Sequence[Any]) -> Dict[str, Any]:
 
 
 def _fields_named(flags: List[str]) -> set:
-    from transformers import HfArgumentParser
+    from swallow_ft.arguments import flag_fields, normalize_flags
 
-    from swallow_ft.arguments import DATACLASSES, normalize_flags
-
-    actions = HfArgumentParser(DATACLASSES)._option_string_actions  # --no_x and --x-y lead to their field too
-    return {actions[arg].dest for arg in normalize_flags(flags) if arg.startswith("--") and arg in actions}
+    fields_of = flag_fields()  # --no_x and --x-y lead to their field too
+    return {fields_of[arg] for arg in normalize_flags(flags) if arg in fields_of}
 
 
 def _plain(value: Any) -> Any:
