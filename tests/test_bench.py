@@ -150,3 +150,14 @@ def test_trainer_overhead_script_measures_the_bookkeeping_calls():
     assert "739 parameters, 448 trainable" in result.stdout  # the 7B module structure, all-linear LoRA r16
     for call in ("Trainer.floating_point_ops", "SwallowTrainer.floating_point_ops", "model.zero_grad()"):
         assert f"ms  {call}" in result.stdout
+
+
+def test_recipes_are_planned_for_the_gpu_size_asked(monkeypatch):
+    """PLAN_GPU_GIB=79.6 on a bigger card gives the micro-batch an 80 GB H100 gets (bench/RESULTS.md, 2026-11-28)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import recipes
+
+    monkeypatch.delenv("PLAN_GPU_GIB", raising=False)
+    assert recipes.planning_gib() == float("inf")  # no GPU here: every recipe fits
+    monkeypatch.setenv("PLAN_GPU_GIB", "79.6")
+    assert recipes.planning_gib() == 79.6
