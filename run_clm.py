@@ -10,6 +10,15 @@ import logging
 import signal
 import sys
 
+
+def abort_before_training(*_signal):
+    print("aborted before training started", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+if __name__ == "__main__":  # a Ctrl-C in the seconds the imports below take ends in one line too, not their traceback
+    signal.signal(signal.SIGINT, abort_before_training)
+
 from transformers import set_seed
 
 from hf_callback import DetCallback
@@ -66,6 +75,7 @@ def run(argv) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C raises where the process is
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         sys.exit(run(sys.argv[1:]))
@@ -74,5 +84,4 @@ if __name__ == "__main__":
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training (once it runs, a Ctrl-C is a preemption)
-        print("aborted before training started", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        abort_before_training()

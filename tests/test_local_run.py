@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -243,13 +244,21 @@ def test_a_second_ctrl_c_aborts_in_one_line(tiny_model, tmp_path):
         f"aborted: no checkpoint saved after step {saved}; a rerun resumes from there")
 
 
-def test_a_ctrl_c_before_training_ends_in_one_line():
-    """Before the run's signal handler exists, Ctrl-C raises KeyboardInterrupt wherever the process is (here: in the
-    set-up that parses, checks and loads)."""
-    script = ("import runpy, swallow_ft.runtime as runtime\n"
-              "def prepare(argv):\n    raise KeyboardInterrupt\n"
-              "runtime.prepare = prepare\n"
-              "runpy.run_path('run_clm.py', run_name='__main__')\n")
+CTRL_C_IN_SET_UP = ("import swallow_ft.runtime as runtime\n"
+                    "def prepare(argv):\n    raise KeyboardInterrupt\n"
+                    "runtime.prepare = prepare\n")
+# The first seconds go to run_clm.py's own imports (transformers, DeepSpeed, Determined): the signal arrives there.
+CTRL_C_IN_IMPORTS = ("import os, signal, sys\n"
+                     "class CtrlC:\n"
+                     "    def find_spec(self, name, path=None, target=None):\n"
+                     "        if name == 'transformers':\n            os.kill(os.getpid(), signal.SIGINT)\n"
+                     "sys.meta_path.insert(0, CtrlC())\n")
+
+
+@pytest.mark.parametrize("interrupt", [CTRL_C_IN_SET_UP, CTRL_C_IN_IMPORTS], ids=["set-up", "imports"])
+def test_a_ctrl_c_before_training_ends_in_one_line(interrupt):
+    """Before the run's signal handler exists, a Ctrl-C ends the process wherever it is, in one line."""
+    script = interrupt + "import runpy\nrunpy.run_path('run_clm.py', run_name='__main__')\n"
     result = subprocess.run([sys.executable, "-c", script, "--config", CONFIG], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
