@@ -3,10 +3,15 @@
     python -m swallow_ft.compare --base .cache/tiny-swallow --tuned runs/local_tiny \\
         --prompts data/eval_prompts_ja.jsonl --out runs/local_tiny/comparison
 
---tuned takes an adapter directory, a merged model directory, or any checkpoint source that
-`python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined checkpoint, a local run dir, a UUID with
---storage DIR, ...). Every input (checkpoint, prompts file and rows, prompt format) is checked before any weights load.
-With an adapter only one copy of the base is loaded: the base answers with the adapter switched off.
+--tuned takes the checkpoint sources that `python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined
+checkpoint, a local run dir, a UUID with --storage DIR, ...) when they hold a LoRA adapter or whole model weights (a
+merged or exported model, a full fine-tuning checkpoint); a ZeRO-3 full fine-tuning checkpoint saved without its
+weights is refused, naming export, which rebuilds them from the shards. Every input (checkpoint, prompts file and rows,
+prompt format) is checked before any weights load.
+With an adapter only one copy of the base is loaded: the base answers with the adapter switched off. A merged or full
+model is a second copy: twice the memory.
+Answers are greedy, up to --max_new_tokens (default: twice the longest reference, in tokens, within 64..1024); one
+that reaches it before the model's end-of-sequence token is marked cut, and its final number never counts as a match.
 Prompts are rendered in the prompt format and with the system prompt that the run recorded in its checkpoint's
 user_data.json (--prompt_format / --system_prompt override them; without a record, the format is chosen from the
 base model's name and the system prompt is the format's default).
@@ -21,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +49,22 @@ class Example:
     labels: List[int]
 
 
+class Answer(NamedTuple):
+    """A generated answer. cut: generation stopped at max_new_tokens before any stop token, so the answer is
+    unfinished (its last number may be one from the working)."""
+    text: str
+    cut: bool
+
+    def __str__(self) -> str:
+        return f"{self.text} {CUT}" if self.cut else self.text
+
+
+CUT = "[cut]"
+# The default max_new_tokens: twice the longest reference leaves room for an answer worded at more length, the floor
+# for short references, and the cap bounds a model that never stops (tiny Swallow may never emit EOS).
+NEW_TOKENS_PER_REFERENCE_TOKEN, MIN_NEW_TOKENS, MAX_DEFAULT_NEW_TOKENS = 2, 64, 1024
+
+
 def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str = "auto",
                   system_prompt: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
     """The prompts rendered and tokenised; needs only the tokenizer, so bad files and rows fail before weights."""
@@ -60,15 +81,28 @@ def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str =
         prompt_ids, _ = encode(fmt.render(conv, tokenizer, system_prompt, for_generation=True), tokenizer,
                                fmt.literal_specials)
         input_ids, labels = encode(fmt.render(conv, tokenizer, system_prompt), tokenizer, fmt.literal_specials)
+        if len(prompt_ids) < len(input_ids) and input_ids[:len(prompt_ids)] == prompt_ids:
+            # The loss is on the reference the report shows, the last reply: the earlier replies of a `messages`
+            # row are part of its prompt. (The `none` format has no prompt apart from its text, trained whole.)
+            labels = [IGNORE] * len(prompt_ids) + labels[len(prompt_ids):]
         examples.append(Example(index, conv.turns[-1].user, conv.turns[-1].assistant, prompt_ids, input_ids, labels))
     return examples
 
 
-def stop_token_ids(tokenizer) -> List[int]:
+def default_max_new_tokens(examples: List[Example]) -> int:
+    longest = max((sum(label != IGNORE for label in e.labels) for e in examples), default=0)
+    return min(MAX_DEFAULT_NEW_TOKENS, max(MIN_NEW_TOKENS, NEW_TOKENS_PER_REFERENCE_TOKEN * longest))
+
+
+def stop_token_ids(tokenizer, model=None) -> List[int]:
+    """The tokenizer's EOS, Llama-3's <|eot_id|>, and every EOS id in the model's generation_config: generate()'s
+    eos_token_id replaces the config's, and Llama-3.1-style configs list several (128001, 128008, 128009)."""
     ids = {tokenizer.eos_token_id}
     eot = tokenizer.convert_tokens_to_ids(LLAMA3_SPECIALS[-1])
     if eot is not None and eot != tokenizer.unk_token_id:
         ids.add(eot)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(i for i in ids if i is not None)
 
 
@@ -78,24 +112,28 @@ def _batches(items, size):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: List[Example], max_new_tokens: int, batch_size: int, desc: str) -> List[str]:
+def generate(model, tokenizer, examples: List[Example], max_new_tokens: int, batch_size: int,
+             desc: str) -> List[Answer]:
     """Greedy, batched, left-padded (so every row's prompt ends where generation starts)."""
-    pad = tokenizer.pad_token_id
+    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
     outputs = []
     for batch in tqdm(list(_batches(examples, batch_size)), desc=desc, unit="batch"):
         width = max(len(e.prompt_ids) for e in batch)
         ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch])
         mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
-                             pad_token_id=pad)
-        outputs += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            # The answer ends before its first stop token (padding follows it); a row without one ran to
+            # max_new_tokens. A stop id from generation_config need not be a special token that decode() skips.
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            outputs.append(Answer(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is None))
     return outputs
 
 
 @torch.no_grad()
 def reference_loss(model, examples: List[Example], batch_size: int, pad_token_id: int) -> float:
-    """Mean loss per reference token (the trained tokens only), so perplexity = exp(loss)."""
+    """Mean loss per reference token (the last reply's trained tokens, see load_examples): perplexity = exp(loss)."""
     total, count = 0.0, 0
     for batch in _batches(examples, batch_size):
         width = max(len(e.input_ids) for e in batch)
@@ -139,6 +177,8 @@ class SideBySide:
     once, on first use or load(), so that examples() can reject a bad prompts file before minutes of loading.
     prompt_format and system_prompt default to what the tuned run trained with (see prompt_settings).
     storage: the checkpoint storage directory when --tuned is a checkpoint UUID (as export's --storage).
+    A LoRA checkpoint loads one copy of the base (the base answers with the adapter off); a merged or fully fine-tuned
+    one loads a second full model, twice the memory (for 70B in bf16, ~277 GB).
     """
 
     def __init__(self, base: str, tuned: str, prompt_format: Optional[str] = None, system_prompt: Optional[str] = None,
@@ -154,8 +194,7 @@ class SideBySide:
         self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=self._base))
         self.tokenizer.padding_side = "left"
         self._format("messages")  # an unknown --prompt_format fails now, not after the weights have loaded
-        self._adapter = _adapter_of(tuned, checkpoint)
-        self._tuned_model_dir = tuned if self._adapter is None else None
+        self._adapter, self._tuned_model_dir = _tuned_weights(tuned, checkpoint, storage)
         self._dtype, self._device_map = dtype, device_map
         self.base_model = self.tuned_model = self.as_base = None
 
@@ -172,7 +211,10 @@ class SideBySide:
     def examples(self, prompts: str, limit: Optional[int] = None) -> List[Example]:
         return load_examples(prompts, self.tokenizer, self.base_name, self.prompt_format, self.system_prompt, limit)
 
-    def answers(self, examples: List[Example], max_new_tokens: int = 64, batch_size: int = 8):
+    def answers(self, examples: List[Example], max_new_tokens: Optional[int] = None,
+                batch_size: int = 8) -> Tuple[List[Answer], List[Answer]]:
+        """(base answers, tuned answers); max_new_tokens None: default_max_new_tokens(examples)."""
+        max_new_tokens = max_new_tokens or default_max_new_tokens(examples)
         self.load()
         with self.as_base():
             base = generate(self.base_model, self.tokenizer, examples, max_new_tokens, batch_size, "base")
@@ -186,14 +228,15 @@ class SideBySide:
             base = reference_loss(self.base_model, examples, batch_size, pad)
         return base, reference_loss(self.tuned_model, examples, batch_size, pad)
 
-    def ask(self, question: str, max_new_tokens: int = 64) -> Dict[str, str]:
-        """One free-form prompt, answered by both models in the training format."""
+    def ask(self, question: str, max_new_tokens: Optional[int] = None) -> Dict[str, Answer]:
+        """One free-form prompt, answered by both models in the training format (None: 256 new tokens at most;
+        print an Answer to see its text, marked [cut] if it reached the limit)."""
         conv = Conversation(turns=[Turn(question, "")])
         fmt = self._format("messages")
         ids, _ = encode(fmt.render(conv, self.tokenizer, self.system_prompt, for_generation=True), self.tokenizer,
                         fmt.literal_specials)
         example = Example(0, question, "", ids, ids, [IGNORE] * len(ids))
-        base, tuned = self.answers([example], max_new_tokens, batch_size=1)
+        base, tuned = self.answers([example], max_new_tokens or 256, batch_size=1)
         return {"base": base[0], "tuned": tuned[0]}
 
 
@@ -218,35 +261,47 @@ def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tu
     return tuned_model, tuned_model, tuned_model.disable_adapter
 
 
-def _adapter_of(tuned: str, checkpoint: Path) -> Optional[tuple]:
-    """(adapter config, state) for --tuned (resolved to checkpoint), or None when it is a full (merged) model."""
-    from swallow_ft.export import load_adapter
+def _tuned_weights(tuned: str, checkpoint: Path, storage: Optional[str]) -> Tuple[Optional[tuple], Optional[str]]:
+    """((adapter config, state), None) for a LoRA checkpoint; (None, directory) for whole model weights (merged,
+    exported or fully fine-tuned). Reads no model weights: only the tensor shapes in the safetensors headers."""
+    from swallow_ft.export import _empty_tensors, load_adapter
 
-    path = Path(tuned)
-    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        return None
-    if not (checkpoint / "adapter_config.json").is_file():
-        raise UserError(f"{tuned}: checkpoint {checkpoint} holds no LoRA adapter; export it with "
-                        "python -m swallow_ft.export and pass the exported directory")
-    return load_adapter(checkpoint)  # also rebuilds ZeRO-3 adapters that were saved empty
+    if (checkpoint / "adapter_config.json").is_file():
+        return load_adapter(checkpoint), None  # also rebuilds ZeRO-3 adapters that were saved empty
+    safetensors = list(checkpoint.glob("*.safetensors"))
+    if (checkpoint / "config.json").is_file() and (list(checkpoint.glob("pytorch_model*.bin")) or safetensors and
+                                                   not any(_empty_tensors(p) for p in safetensors)):
+        return None, str(checkpoint)
+    # ZeRO-3 saves a full model's tensors with size 0 unless gathered. Export rebuilds them from the shards on the
+    # CPU in fp32 (~280 GB of memory for 70B): a job to do once, not at every comparison.
+    source = f"{tuned} --storage {storage}" if storage else tuned
+    raise UserError(f"--tuned {tuned}: {checkpoint} holds no LoRA adapter and no whole model weights (ZeRO-3 saves "
+                    f"them empty); write them with python -m swallow_ft.export {source} --out DIR and pass --tuned DIR")
 
 
 def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optional[str] = None,
-            system_prompt: Optional[str] = None, max_new_tokens: int = 64, batch_size: int = 8,
+            system_prompt: Optional[str] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
             limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
             models: Optional[SideBySide] = None, storage: Optional[str] = None) -> Dict:
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: must be at least 1 (leave it out for the default)")
     models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map, storage)
     examples = models.examples(prompts, limit)  # before models.answers() loads the weights
-    base_answers, tuned_answers = models.answers(examples, max_new_tokens, batch_size)
-    base_loss, tuned_loss = models.losses(examples, batch_size)
-    rows = [{"index": e.index, "prompt": e.question, "reference": e.reference, "base": b, "tuned": t,
-             "scores": {"base": metrics.score(b, e.reference), "tuned": metrics.score(t, e.reference)}}
-            for e, b, t in zip(examples, base_answers, tuned_answers)]
+    max_new_tokens = max_new_tokens or default_max_new_tokens(examples)
+    answers = dict(zip(("base", "tuned"), models.answers(examples, max_new_tokens, batch_size)))
+    losses = dict(zip(("base", "tuned"), models.losses(examples, batch_size)))
+    rows = [{"index": e.index, "prompt": e.question, "reference": e.reference,
+             **{name: answers[name][i].text for name in answers},
+             "cut": {name: answers[name][i].cut for name in answers},
+             "scores": {name: metrics.score(answers[name][i].text, e.reference, cut=answers[name][i].cut)
+                        for name in answers}}
+            for i, e in enumerate(examples)]
     summary = {"prompts": prompts, "n": len(rows), "base_model": base, "tuned_model": tuned,
-               "prompt_format": models.prompt_format, "system_prompt": models.system_prompt}
-    for name, loss in (("base", base_loss), ("tuned", tuned_loss)):
+               "prompt_format": models.prompt_format, "system_prompt": models.system_prompt,
+               "max_new_tokens": max_new_tokens}
+    for name, loss in losses.items():
         summary[name] = {**metrics.mean_scores(r["scores"][name] for r in rows), "loss": loss,
-                         "perplexity": math.exp(min(loss, 50))}
+                         "perplexity": math.exp(min(loss, 50)), "cut": sum(r["cut"][name] for r in rows)}
     write_report(Path(out), rows, summary)
     return summary
 
@@ -277,12 +332,12 @@ def _fmt(value) -> str:
 
 
 def summary_table(summary: Dict) -> str:
-    lines = ["| model | char F1 | ROUGE-L (chars) | final-number match | loss | perplexity |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| model | char F1 | ROUGE-L (chars) | final-number match | cut at {summary['max_new_tokens']} tokens "
+             "| loss | perplexity |", "|---|---|---|---|---|---|---|"]
     for name in ("base", "tuned"):
         s = summary[name]
         lines.append(f"| {name} | {_fmt(s['char_f1'])} | {_fmt(s['rouge_l'])} | {_fmt(s['number_match'])} "
-                     f"| {_fmt(s['loss'])} | {_fmt(s['perplexity'])} |")
+                     f"| {s['cut']}/{summary['n']} | {_fmt(s['loss'])} | {_fmt(s['perplexity'])} |")
     return "\n".join(lines)
 
 
@@ -296,12 +351,15 @@ def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         b, t = r["scores"]["base"], r["scores"]["tuned"]
-        table.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['base'])} "
-                     f"| {_cell(r['tuned'])} | {_fmt(b['char_f1'])} → {_fmt(t['char_f1'])} "
+        base, tuned = (_cell(str(Answer(r[name], r["cut"][name]))) for name in ("base", "tuned"))
+        table.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | {base} "
+                     f"| {tuned} | {_fmt(b['char_f1'])} → {_fmt(t['char_f1'])} "
                      f"| {_fmt(b['number_match'])} → {_fmt(t['number_match'])} |")
     (out / "comparison.md").write_text(
         f"# Base vs fine-tuned\n\nbase: `{summary['base_model']}`  \ntuned: `{summary['tuned_model']}`  \n"
-        f"prompts: `{summary['prompts']}` ({summary['n']})  \nprompt format: `{summary['prompt_format']}`\n\n"
+        f"prompts: `{summary['prompts']}` ({summary['n']})  \nprompt format: `{summary['prompt_format']}`  \n"
+        f"max new tokens: {summary['max_new_tokens']} ({CUT}: the answer reached it before an end-of-sequence token; "
+        "unfinished, so its final number is not counted as a match)\n\n"
         f"{summary_table(summary)}\n\n" + "\n".join(table) + "\n",
         encoding="utf-8")
 
@@ -315,7 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     parser.add_argument("--prompt_format", help="default: the run's (from its checkpoint), else auto")
     parser.add_argument("--system_prompt", help="default: the run's (from its checkpoint), else the format's")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int,
+                        help="default: twice the longest reference (in tokens), within 64..1024")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--n", type=int, help="only the first N prompts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

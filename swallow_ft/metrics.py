@@ -3,7 +3,8 @@
 Whitespace-tokenised ROUGE/F1 treat an unsegmented Japanese sentence as a single "word", so any
 difference scores zero. These work on characters instead (after NFKC, which folds full-width digits
 and letters, and without whitespace), plus exact match on the answer's number for math answers
-(camel-ai/math, MGSM-style "答え: 151": the last number after "答え:", else the text's last number; a/b is a fraction).
+(camel-ai/math, MGSM-style "答え: 151": the last number after "答え:", else the text's last number; a/b is a fraction;
+1.5e3 is 1500). Not handled: kanji numerals ("1万2千円" reads as 1 and 2) and percentages ("50%" is 50, not 0.5).
 """
 
 import re
@@ -14,7 +15,8 @@ from fractions import Fraction
 from typing import Dict, Iterable, List, Optional, Union
 
 # Commas only as thousands separators (groups of exactly three digits), so "2,3" is two numbers, not 23.
-_DECIMAL = r"[-−]?(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?"
+# An exponent ("1.5e3") of at most 3 digits: Fraction(Decimal("1e999999999")) would build a billion-digit integer.
+_DECIMAL = r"[-−]?(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?(?:[eE][-+−]?\d{1,3}(?!\d))?"
 NUMBER = re.compile(rf"({_DECIMAL})(?:[ \t]*/[ \t]*({_DECIMAL}))?")
 # MGSM-style answers state the result after "答え:"; the working before it (and remarks after it) have other numbers.
 # NFKC has already turned the full-width colon into ":". The answer ends with its line or sentence.
@@ -60,7 +62,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def _value(numerator: str, denominator: str) -> Optional[Union[Decimal, Fraction]]:
     def parse(text: str) -> Decimal:
-        return Decimal(text.replace(",", "").replace("−", "-"))
+        return Decimal(text.replace(",", "").replace("−", "-"))  # Decimal reads the exponent too
 
     if not denominator:
         return parse(numerator)
@@ -79,19 +81,20 @@ def final_number(text: str) -> Optional[Union[Decimal, Fraction]]:
     return _value(*matches[-1]) if matches else None
 
 
-def number_match(prediction: str, reference: str) -> Optional[float]:
+def number_match(prediction: str, reference: str, cut: bool = False) -> Optional[float]:
     """1.0/0.0 when the reference has a number (its answer's, as final_number finds it), None when it has none (not
-    a math answer). Compared exactly as fractions, so 0.75 matches 3/4."""
+    a math answer). Compared exactly as fractions, so 0.75 matches 3/4.
+    cut: the prediction stopped at a token limit, unfinished; its last number may be from the working, so 0.0."""
     expected = final_number(reference)
     if expected is None:
         return None
-    got = final_number(prediction)
+    got = None if cut else final_number(prediction)
     return float(got is not None and Fraction(got) == Fraction(expected))
 
 
-def score(prediction: str, reference: str) -> Dict[str, Optional[float]]:
+def score(prediction: str, reference: str, cut: bool = False) -> Dict[str, Optional[float]]:
     return {"char_f1": char_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference),
-            "number_match": number_match(prediction, reference)}
+            "number_match": number_match(prediction, reference, cut)}
 
 
 def mean_scores(rows: Iterable[Dict[str, Optional[float]]]) -> Dict[str, Optional[float]]:

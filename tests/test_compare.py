@@ -1,15 +1,18 @@
 """compare: both models answer in the run's own prompt format; report files, scores and losses are consistent."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, run_clm
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from swallow_ft.arguments import DataTrainingArguments
-from swallow_ft.compare import SideBySide, compare, main, prompt_settings
+from swallow_ft.compare import Example, SideBySide, compare, default_max_new_tokens, main, prompt_settings
 from swallow_ft.data.loading import encode_example, load_raw_datasets
 from swallow_ft.data.templates import FORMATS
 from swallow_ft.export import resolve_checkpoint
@@ -26,6 +29,20 @@ def trained_run(tiny_model, tmp_path_factory):
                      "--eval_steps", 40, "--save_steps", 40, "--prompt_format", FORMAT, "--system_prompt", SYSTEM)
     assert result.returncode == 0, result.stderr[-3000:]
     return runs / "local_tiny"
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, tmp_path_factory):
+    """Full fine-tuning (no LoRA): the checkpoint holds the whole model."""
+    runs = tmp_path_factory.mktemp("runs_full")
+    result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", runs, "--max_steps", 10,
+                     "--eval_steps", 10, "--save_steps", 10, "--use_lora", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs / "local_tiny"
+
+
+def no_weights(*args, **kwargs):
+    raise AssertionError("weights loaded before the inputs were checked")
 
 
 def test_prompts_are_rendered_as_the_run_trained_them(trained_run, tiny_model):
@@ -60,17 +77,101 @@ def test_the_run_records_its_settings_and_explicit_ones_override_them(trained_ru
 
 
 def test_compare_writes_a_report_where_fine_tuning_shows(trained_run, tiny_model, tmp_path):
-    summary = compare(str(tiny_model), str(trained_run), PROMPTS, tmp_path, max_new_tokens=32, limit=6)
+    summary = compare(str(tiny_model), str(trained_run), PROMPTS, tmp_path, limit=6)
     rows = [json.loads(line) for line in (tmp_path / "comparison.jsonl").read_text().splitlines()]
     assert len(rows) == summary["n"] == 6
-    assert set(rows[0]) == {"index", "prompt", "reference", "base", "tuned", "scores"}
+    assert set(rows[0]) == {"index", "prompt", "reference", "base", "tuned", "cut", "scores"}
     assert rows[0]["reference"] == "53 + 50 = 103 です。答え: 103"
     # Fine-tuning on the answers lowers the loss on held-out references.
     assert summary["tuned"]["loss"] < summary["base"]["loss"]
     assert summary["tuned"]["perplexity"] < summary["base"]["perplexity"]
+    # The default limit leaves room for answers twice as long as the longest reference: the tuned model's end.
+    examples = SideBySide(str(tiny_model), str(trained_run)).examples(PROMPTS, limit=6)
+    assert summary["max_new_tokens"] == default_max_new_tokens(examples)
+    assert summary["tuned"]["cut"] == 0 and not any(r["cut"]["tuned"] for r in rows)
     report = (tmp_path / "comparison.md").read_text()
-    assert "| model | char F1 | ROUGE-L (chars) | final-number match | loss | perplexity |" in report
+    assert (f"| model | char F1 | ROUGE-L (chars) | final-number match | cut at {summary['max_new_tokens']} tokens "
+            "| loss | perplexity |") in report
     assert "53 と 50 の和を求めなさい。" in report and f"prompt format: `{FORMAT}`" in report
+
+
+def test_answers_cut_at_max_new_tokens_are_marked_and_never_a_number_match(trained_run, tiny_model, tmp_path):
+    uncut = SideBySide(str(tiny_model), str(trained_run))
+    full = uncut.answers(uncut.examples(PROMPTS, limit=4), max_new_tokens=64)[1]
+    assert not any(a.cut for a in full) and all(len(a.text) > 8 for a in full)
+    summary = compare(str(tiny_model), str(trained_run), PROMPTS, tmp_path, max_new_tokens=3, limit=4, models=uncut)
+    rows = [json.loads(line) for line in (tmp_path / "comparison.jsonl").read_text().splitlines()]
+    # The tuned model stops its answers after more than 3 tokens: each is cut, a prefix of its full answer.
+    assert [r["cut"]["tuned"] for r in rows] == [True] * 4 and summary["tuned"]["cut"] == 4
+    assert all(a.text.startswith(r["tuned"]) for a, r in zip(full, rows))
+    assert [r["scores"]["tuned"]["number_match"] for r in rows] == [0.0] * 4
+    report = (tmp_path / "comparison.md").read_text()
+    assert "| tuned |" in report and "| 4/4 |" in report
+    assert report.split("| # |")[1].count(" [cut] |") >= 4  # each tuned cell, and any cut base one
+
+
+def test_default_max_new_tokens_follows_the_longest_reference():
+    def example(reference_tokens):
+        return Example(0, "q", "a", [1], [1] * (reference_tokens + 1), [-100] + [5] * reference_tokens)
+
+    assert default_max_new_tokens([example(10), example(20)]) == 64  # short answers keep 64
+    assert default_max_new_tokens([example(10), example(300)]) == 600  # camel-ai/math's long solutions
+    assert default_max_new_tokens([example(3000)]) == 1024  # bounded, for a model that never stops
+
+
+def test_generation_stops_at_every_eos_id_of_the_models_generation_config(trained_run, tiny_model, tmp_path):
+    """Llama-3.1-style models end a turn with any of several ids that generation_config.json lists."""
+    models = SideBySide(str(tiny_model), str(trained_run))
+    example = models.examples(PROMPTS, limit=1)
+    prompt = example[0].prompt_ids
+    generated = models.load().tuned_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8,
+                                                   do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert models.tokenizer.eos_token_id not in generated[:3]
+    # The same base, but its generation config lists the tuned model's third token as another end of sequence.
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, generated[2]]}))
+    _, tuned = SideBySide(str(base), str(trained_run)).answers(example, max_new_tokens=8)
+    assert str(tuned[0]) == models.tokenizer.decode(generated[:2], skip_special_tokens=True).strip()
+    assert tuned[0].cut is False
+
+
+TWO_TURNS = {"messages": [{"role": "user", "content": "32 と 13 を足すといくつですか。"},
+                          {"role": "assistant", "content": "32 + 13 = 45 です。"},
+                          {"role": "user", "content": "その答えを 4 倍にしてください。"},
+                          {"role": "assistant", "content": "45 × 4 = 180 です。"}]}
+
+
+@pytest.mark.parametrize("prompt_format", ["swallow-instruct-v0.1", "chat_template"])
+def test_the_reference_loss_is_on_the_last_reply_of_a_conversation(prompt_format, trained_run, tiny_model, tmp_path):
+    prompts = tmp_path / "two_turns.jsonl"
+    prompts.write_text(json.dumps(TWO_TURNS, ensure_ascii=False) + "\n", encoding="utf-8")
+    models = SideBySide(str(tiny_model), str(trained_run), prompt_format=prompt_format)
+    example, = models.examples(str(prompts))
+    assert (example.question, example.reference) == ("その答えを 4 倍にしてください。", "45 × 4 = 180 です。")
+    scored = [label for label in example.labels if label != -100]
+    # The reply the report shows and its end-of-turn token, not the earlier reply the prompt holds.
+    assert models.tokenizer.decode(scored[:-1]).strip() == example.reference
+    assert scored[-1] == models.tokenizer.eos_token_id
+    single = {"message_1": "その答えを 4 倍にしてください。", "message_2": "45 × 4 = 180 です。"}
+    (tmp_path / "single.jsonl").write_text(json.dumps(single, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert len(scored) == sum(label != -100 for label in models.examples(str(tmp_path / "single.jsonl"))[0].labels)
+
+
+def test_a_full_fine_tuning_run_is_compared_as_a_second_model(full_run, tiny_model, tmp_path):
+    summary = compare(str(tiny_model), str(full_run), PROMPTS, tmp_path, max_new_tokens=8, limit=2)
+    assert summary["n"] == 2 and summary["tuned"]["loss"] < summary["base"]["loss"]
+
+
+def test_a_full_checkpoint_that_zero3_saved_empty_names_export(full_run, tiny_model, tmp_path, capsys, monkeypatch):
+    checkpoint = shutil.copytree(resolve_checkpoint(str(full_run)), tmp_path / "checkpoint-10")
+    saved = load_file(checkpoint / "model.safetensors")
+    save_file({k: torch.empty(0, dtype=v.dtype) for k, v in saved.items()}, checkpoint / "model.safetensors")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert main(["--base", str(tiny_model), "--tuned", str(checkpoint), "--prompts", PROMPTS]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --tuned {checkpoint}: {checkpoint} holds no LoRA adapter and no whole model weights (ZeRO-3 saves "
+        f"them empty); write them with python -m swallow_ft.export {checkpoint} --out DIR and pass --tuned DIR\n")
 
 
 def test_the_base_really_answers_without_the_adapter(trained_run, tiny_model):
@@ -124,12 +225,11 @@ BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 1
      "checkpoint-N directory, a Determined checkpoint directory, a run directory such as runs/local_tiny, or a UUID "
      "with --storage DIR"),
     (["--storage", "{tmp}"], {}, "{tmp}/{uuid}: no such checkpoint in --storage {tmp} (its subdirectories are UUIDs)"),
-], ids=["missing-prompts", "text-rows", "bad-row", "unknown-format", "base-typo", "tuned-typo", "wrong-storage"])
+    (["--max_new_tokens", "0"], {}, "--max_new_tokens 0: must be at least 1 (leave it out for the default)"),
+], ids=["missing-prompts", "text-rows", "bad-row", "unknown-format", "base-typo", "tuned-typo", "wrong-storage",
+        "no-new-tokens"])
 def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error, trained_run, tiny_model, tmp_path,
                                                                capsys, monkeypatch):
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights loaded before the inputs were checked")
-
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")

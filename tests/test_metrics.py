@@ -42,6 +42,9 @@ def test_nfkc_folds_full_width_and_spacing():
     ("答え: 151 です。検算: 151 - 81 = 70", Decimal(151)),
     ("答え: 81 + 70 = 151\n\n解説: 1 と 2", Decimal(151)),  # the last number of the answer line
     ("答え:\n151", Decimal(151)),
+    ("答え: 1.5e3", Decimal(1500)),  # scientific notation used to read as 3
+    ("答え: 2.5E-2 mol", Decimal("0.025")),
+    ("1e9999", Decimal(9999)),  # an exponent of 4+ digits is not one (its value would take gigabytes as a Fraction)
 ])
 def test_final_number(text, number):
     assert final_number(text) == number
@@ -68,3 +71,12 @@ def test_number_match_and_means():
 ])
 def test_number_match_compares_the_answers_number_exactly(prediction, reference, expected):
     assert number_match(prediction, reference) == expected
+
+
+def test_a_cut_answer_is_never_a_number_match():
+    # Stopped at the token limit mid-way: its last number is from the working, even when it equals the answer.
+    assert number_match("81 + 70 = 151", "答え: 151") == 1.0
+    assert number_match("81 + 70 = 151", "答え: 151", cut=True) == 0.0
+    assert number_match("こんにちは", "こんにちは。", cut=True) is None  # still no math answer to count
+    assert score("81 + 70 = 151", "答え: 151", cut=True)["number_match"] == 0.0
+    assert score("81 + 70 = 151", "答え: 151", cut=True)["char_f1"] == score("81 + 70 = 151", "答え: 151")["char_f1"]

@@ -16,6 +16,15 @@ def test_notebook_is_committed_without_outputs():
     assert "parameters" in code[0]["metadata"].get("tags", [])
 
 
+def test_cluster_instructions_name_every_parameter_a_70b_comparison_changes():
+    intro = "".join(nbformat.read(NOTEBOOK, as_version=4).cells[0].source)
+    cluster = intro.split("**On a Determined cluster**")[1].split("**Locally**")[0]
+    # PROMPTS above all: left as it is, the 70B would be scored on the tiny demo's Japanese arithmetic.
+    for name in ("BASE_MODEL", "CHECKPOINT", "RUN_DIR", "EXPERIMENT_ID", "DTYPE", "DEVICE_MAP", "PROMPTS",
+                 "MAX_NEW_TOKENS"):
+        assert f"`{name}" in cluster, name
+
+
 def test_notebook_executes_headless_against_a_local_run(tiny_model, tmp_path):
     runs = tmp_path / "runs"
     result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", runs, "--max_steps", 20,
@@ -34,6 +43,7 @@ def test_notebook_executes_headless_against_a_local_run(tiny_model, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curves
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
     assert "| model | char F1 |" in markdown and "| tuned |" in markdown
+    assert "| cut at 16 tokens |" in markdown  # MAX_NEW_TOKENS reaches compare, and the report counts cut answers
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "base :" in printed and "tuned:" in printed
     assert (tmp_path / "comparison" / "comparison.jsonl").exists()
