@@ -81,7 +81,9 @@ def recipe(name):
 
 
 def planning_gib():
-    """The GPU memory recipes are planned for: this GPU's, or $PLAN_GPU_GIB (an H100's 79.6 when run on an H200)."""
+    """The GPU memory recipes are planned for: this GPU's, or $PLAN_GPU_GIB. RESULTS.md's H200 runs set 79.6, an 80 GB
+    card's 81,559 MiB as nvidia-smi counts it; torch.cuda reports 79.1 for an H100 80GB, and the 7B recipes plan the
+    same at either (micro-batch 4, no checkpointing, no DeepSpeed)."""
     if os.environ.get("PLAN_GPU_GIB"):
         return float(os.environ["PLAN_GPU_GIB"])
     return torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf

@@ -382,16 +382,3 @@ def suggest_fixes(shape: ModelShape, gpu_mem_gib: float, *, max_suggestions: int
         if len(found) >= max_suggestions:
             break
     return [f"{_describe(fix, original)}: {total / GiB:.1f} GiB per GPU" for fix, total in found]
-
-
-# GiB per GPU by the model in a pool's name: at its start, after a separator or a count ("8xh100"), but not
-# inside a word ("pool4" is no L4) nor a longer model ("A100" is no A10).
-_POOL_GPUS = [("H200", 141), ("H100", 80), ("A100", 80), ("A6000", 48), ("L40", 48), ("A10", 24), ("L4", 24),
-              ("V100", 32), ("T4", 16)]
-
-
-def gpu_memory_for_pool(resource_pool: str) -> Optional[float]:
-    """GPU memory guessed from a Determined resource pool's name, or None. A100 is taken as the 80 GB card:
-    pools of A100 40GB must pass --gpu-mem 40."""
-    name = resource_pool.upper()
-    return next((float(gib) for key, gib in _POOL_GPUS if re.search(rf"(?:^|[^A-Z]|\dX){key}(?!\d)", name)), None)

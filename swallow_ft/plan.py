@@ -17,14 +17,13 @@ Every setting that fits (swallow_ft.memory) is timed with a simple model, and th
 - the global batch (--global-batch) is kept exactly when a fitting setting gives it within EXACT_BATCH_SLACK of the
   fastest (micro-batches are powers of two and the divisors of the batch per GPU); otherwise the plan says what it
   planned instead, and why.
-The rates are assumptions (GPU_SPECS, overridable with --tflops/--interconnect-gbps), so treat the time as a
+The rates are assumptions (swallow_ft/gpus.py, overridable with --tflops/--interconnect-gbps), so treat the time as a
 ranking, and measure with bench/throughput.py.
 """
 
 import argparse
 import difflib
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,10 @@ from typing import List, Optional
 
 from swallow_ft import memory
 from swallow_ft.errors import UserError, exit_code_of
+from swallow_ft.gpus import CARDS, gpu_gib
+from swallow_ft.plan_yaml import rewritten
 
-# Sustained bf16 TFLOP/s a fine-tuning step reaches (about 45% of the dense peak), and the per-GPU all-gather
-# bandwidth in GB/s inside one NVLink node; PCIe for offload traffic.
-NO_BF16 = {"v100"}  # Volta: bf16 only emulated (torch.cuda.is_bf16_supported() still says yes)
-GPU_SPECS = {"h200": (360, 300), "h100": (350, 300), "a100": (140, 200), "a6000": (70, 25), "l40": (80, 25),
-             "a10": (55, 25), "l4": (50, 25), "v100": (50, 100)}
+# Host to GPU GB/s for offload traffic.
 PCIE_GBPS = 20
 # Kernel launches, the Python loop and the loss per micro-step: why fewer, larger micro-batches win a tie.
 MICRO_STEP_OVERHEAD_S = 0.02
@@ -95,10 +92,10 @@ def _step_time(shape, setting: Setting, gpus: int, seq: int, lora_r: Optional[in
 def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bool, global_batch: int,
          lora_r: int = 16, tflops: Optional[float] = None, link_gbps: Optional[float] = None, gpu: str = "h100"
          ) -> Plan:
-    if gpu.lower() not in GPU_SPECS:  # another GPU's rates would rank the settings wrongly, and silently
-        raise UserError(f"--gpu {gpu}: unknown GPU: use one of {', '.join(GPU_SPECS)}")
-    default_tflops, default_link = GPU_SPECS[gpu.lower()]
-    tflops, link_gbps = tflops or default_tflops, link_gbps or default_link
+    card = CARDS.get(gpu.lower())
+    if card is None:  # another GPU's rates would rank the settings wrongly, and silently
+        raise UserError(f"--gpu {gpu}: unknown GPU: use one of {', '.join(CARDS)}")
+    tflops, link_gbps = tflops or card.tflops, link_gbps or card.link_gbps
     too_long = memory.context_problem(shape, seq)
     if too_long:
         raise UserError(f"--seq {seq}: {too_long}: use --seq {shape.max_positions} or less")
@@ -112,7 +109,7 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
         for offload in (False, True) if zero_stage == 3 else (False,):
             for checkpointing in (False, True):
                 for micro in micro_batches:
-                    setting = Setting(zero_stage, micro, checkpointing, offload, gpu.lower() not in NO_BF16)
+                    setting = Setting(zero_stage, micro, checkpointing, offload, card.bf16)
                     est = memory.estimate(shape, gpus=gpus, zero_stage=zero_stage, micro_batch=micro, seq_len=seq,
                                           lora_r=lora_r if lora else None, gradient_checkpointing=checkpointing,
                                           offload_optimizer=offload, offload_params=offload,
@@ -222,47 +219,6 @@ def flags_for(chosen: Plan, seq: int) -> List[str]:
     return flags
 
 
-PLANNED = {"--per_device_train_batch_size": 1, "--per_device_eval_batch_size": 1, "--gradient_accumulation_steps": 1,
-           "--block_size": 1, "--deepspeed": 1, "--packing": 0, "--bf16": 0, "--fp16": 0,
-           "--activation_checkpointing": 0, "--gradient_checkpointing": 0, "--use_liger_kernel": 0}
-LAUNCHER = re.compile(r"python -m determined\.launch\.\w+\s+")
-
-
-def write_into(path: Path, chosen: Plan, seq: int, gpus: int) -> None:
-    """Rewrite the entrypoint's planned flags, the launcher, slots_per_trial and, where the experiment has it (the
-    reference's and DSAT's), hyperparameters.deepspeed_config; comments stay."""
-    from swallow_ft.experiment import Experiment
-
-    exp = Experiment.load(path)
-    kept, skip = [], 0
-    for token in exp.script_args(expand=False):  # $VAR stays $VAR in the file
-        if skip:
-            skip -= 1
-        elif token in PLANNED:
-            skip = PLANNED[token]
-        else:
-            kept.append(token)
-    flags = flags_for(chosen, seq)
-    flags[2:2] = ["--per_device_eval_batch_size", str(chosen.setting.micro_batch)]
-    launcher = ("python -m determined.launch.deepspeed\n  " if chosen.setting.zero_stage
-                else "python -m determined.launch.torch_distributed\n  " if gpus > 1 else "")
-    lines, i = [], 0
-    args = kept + flags
-    while i < len(args):
-        takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        lines.append(" ".join(args[i:i + 2]) if takes_value else args[i])
-        i += 2 if takes_value else 1
-    block = "entrypoint: >-\n  " + launcher + "python run_clm.py\n" + "".join(f"  {line}\n" for line in lines)
-    text = path.read_text()
-    text = re.sub(r"entrypoint: >-\n(?:  .*\n)+", lambda _: block, text, count=1)
-    text = re.sub(r"(slots_per_trial: )\d+", rf"\g<1>{gpus}", text, count=1)
-    # DSAT tunes the file this hyperparameter names, and the Web UI shows it as the run's DeepSpeed config.
-    config = ds_config_for(chosen.setting)
-    text = re.sub(r"^( +deepspeed_config: ).*\n", lambda m: f"{m[1]}{config}\n" if config else "", text, count=1,
-                  flags=re.MULTILINE)
-    path.write_text(text)
-
-
 def resolve_shape(name: str, cache_dir: Optional[str] = None) -> Optional[memory.ModelShape]:
     """A short name (KNOWN_SHAPES), else memory.shape_for: a local dir, a cached config or a known Swallow Hub id."""
     # The short names first: shape_for takes "swallow-70b" for a mistyped hub id.
@@ -313,9 +269,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swallow_ft.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hub id, local dir, or a known Swallow name")
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpu", default="h100", type=str.lower, choices=list(GPU_SPECS),
-                        help="for the speed model (its bf16 rate and all-gather bandwidth, and whether it has bf16)")
+    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU as torch.cuda reports it (79.1 for an H100 or A100 "
+                        "80GB, 39.4 for an A100 40GB); the GB a card is sold by (80, 40, 141) is read as that; "
+                        "default: --gpu's")
+    parser.add_argument("--gpu", type=str.lower, choices=list(CARDS),
+                        help="for the speed model (its bf16 rate and all-gather bandwidth, and whether it has bf16; "
+                             "default h100) and the GPU memory")
     parser.add_argument("--seq", type=int, default=2048)
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True)
@@ -339,11 +298,14 @@ def main(argv=None) -> int:
                             f"name ({_short_names_hint(args.model)})")
         if args.write:  # before anything is printed or planned: a plan for another model is no use
             check_same_model(args.write, args.model, shape)
-        chosen = plan(shape, args.gpus, args.gpu_mem, args.seq, not args.full, args.global_batch, args.lora_r,
-                      args.tflops, args.interconnect_gbps, args.gpu)
+        gib, read_as = gpu_gib(args.gpu_mem, args.gpu)
+        chosen = plan(shape, args.gpus, gib, args.seq, not args.full, args.global_batch, args.lora_r, args.tflops,
+                      args.interconnect_gbps, args.gpu or "h100")
+        flags = flags_for(chosen, args.seq)
+        text = rewritten(args.write, flags, args.gpus) if args.write else None  # refused before anything is printed
         s = chosen.setting
         print(f"plan for {args.model} ({shape.total_params / 1e9:.2f}B, {'full' if args.full else 'LoRA'}) on "
-              f"{args.gpus} x {args.gpu_mem:g} GiB ({args.gpu}):")
+              f"{args.gpus} x {gib:g} GiB ({args.gpu or 'h100'}{read_as}):")
         print(f"  ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}, micro-batch {s.micro_batch} x {args.seq}, "
               f"accumulation {chosen.accumulation}, activation checkpointing {'on' if s.checkpointing else 'off'}")
         print(f"  memory: {chosen.estimate}")
@@ -351,9 +313,9 @@ def main(argv=None) -> int:
               f"~{chosen.tokens_per_second_per_gpu:,.0f} tokens/s per GPU (an estimate; measure with bench/)")
         for reason in chosen.reasons:
             print(f"  - {reason}")
-        print("  flags: " + " ".join(flags_for(chosen, args.seq)))
+        print("  flags: " + " ".join(flags))
         if args.write:
-            write_into(args.write, chosen, args.seq, args.gpus)
+            args.write.write_text(text)
             print(f"  wrote them into {args.write}")
 
     return exit_code_of(run)

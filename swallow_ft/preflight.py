@@ -20,6 +20,7 @@ from swallow_ft.arguments import known_flags, parse_input_arguments
 from swallow_ft.det_callback import check_searcher_length
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
+from swallow_ft.gpus import gpu_gib, gpu_memory_for_pool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("determined.launch.deepspeed", "determined.launch.torch_distributed", "determined.launch.horovod")
@@ -257,7 +258,8 @@ def startup_checks(model_args, data_args, training_args, world_size: Optional[in
 
 def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tuple] = None,
                      dsat: bool = False) -> Findings:
-    from swallow_ft import memory
+    """gpu_mem: GiB per GPU, as torch.cuda reports it (main reads --gpu-mem 80 as 79.1); default: the resource
+    pool's card."""
     from swallow_ft.runtime import without_deepspeed
 
     found = Findings()
@@ -305,7 +307,7 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         found.notes.append("memory not estimated: the DeepSpeed config could not be read")
         return found
     pool = (exp.config.get("resources") or {}).get("resource_pool")
-    gpu_mem = gpu_mem or (memory.gpu_memory_for_pool(pool) if pool else None)
+    gpu_mem = gpu_mem or (gpu_memory_for_pool(pool) if pool else None)
     check_model_and_memory(model_args, data_args, training_args, exp.slots_per_trial, ds_config, gpu_mem, found,
                            where=str(path))
     return found
@@ -323,14 +325,17 @@ def check_deepspeed_hyperparameter(named: Optional[str], used: Optional[str], fo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swallow_ft.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", type=Path)
-    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU (default: from resources.resource_pool)")
+    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU as torch.cuda reports it; the GB a card is sold by "
+                        "(80, 40, 141) is read as that, as the planner reads it: 80 as 79.1 (default: from "
+                        "resources.resource_pool)")
     parser.add_argument("--determined-version", help="check for this Determined version (default: installed)")
     parser.add_argument("--dsat", action="store_true", help="the experiment will be launched with DSAT")
     args = parser.parse_args(argv)
     version = tuple(int(p) for p in args.determined_version.split(".")[:2]) if args.determined_version else None
+    gpu_mem = None if args.gpu_mem is None else gpu_gib(args.gpu_mem)[0]
     failed = False
     for path in args.experiments:
-        found = check_experiment(path, gpu_mem=args.gpu_mem, version=version, dsat=args.dsat)
+        found = check_experiment(path, gpu_mem=gpu_mem, version=version, dsat=args.dsat)
         for problem in found.problems:
             print(problem)
         for note in found.notes:

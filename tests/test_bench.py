@@ -154,11 +154,18 @@ def test_trainer_overhead_script_measures_the_bookkeeping_calls():
 
 
 def test_recipes_are_planned_for_the_gpu_size_asked(monkeypatch):
-    """PLAN_GPU_GIB=79.6 on a bigger card gives the micro-batch an 80 GB H100 gets (bench/RESULTS.md, 2026-11-28)."""
+    """PLAN_GPU_GIB=79.6 on a bigger card gives the micro-batch an 80 GB H100 gets (bench/RESULTS.md, 2026-11-28):
+    79.6 is nvidia-smi's 81,559 MiB, torch.cuda reports 79.1, and the 7B plan is the same at both."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import recipes
+
+    from swallow_ft.gpus import gpu_gib
+    from swallow_ft.plan import plan
 
     monkeypatch.delenv("PLAN_GPU_GIB", raising=False)
     assert recipes.planning_gib() == float("inf")  # no GPU here: every recipe fits
     monkeypatch.setenv("PLAN_GPU_GIB", "79.6")
     assert recipes.planning_gib() == 79.6
+    nvidia_smi, torch_cuda = (plan(recipes.SHAPES["swallow-7b"], gpus=1, gpu_mem=gib, seq=2048, lora=True,
+                                   global_batch=64).setting for gib in (79.6, gpu_gib(80, "h100")[0]))
+    assert nvidia_smi == torch_cuda and torch_cuda.micro_batch == 4 and not torch_cuda.checkpointing

@@ -2,14 +2,17 @@
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
 from conftest import REPO
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
-from swallow_ft.memory import KNOWN_SHAPES, estimate, fits
-from swallow_ft.plan import flags_for, plan, write_into
+from swallow_ft.memory import KNOWN_SHAPES, GiB, estimate, fits
+from swallow_ft.gpus import gpu_gib
+from swallow_ft.plan import flags_for, main, plan
+from swallow_ft.plan_yaml import PLANNED, write_into
 from swallow_ft.preflight import check_experiment
 
 
@@ -85,7 +88,7 @@ def test_write_into_replaces_the_planned_flags_and_keeps_the_rest(tmp_path):
     shutil.copy(REPO / "ds_configs/ds_config_stage_3.json", tmp_path / "ds_configs")
     before = Experiment.load(path)
     chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=8, gpu_mem=80, seq=2048, lora=True, global_batch=64, gpu="h100")
-    write_into(path, chosen, 2048, gpus=8)
+    write_into(path, flags_for(chosen, 2048), gpus=8)
     after = Experiment.load(path)
     args = after.script_args()
     assert after.slots_per_trial == 8 and after.uses_deepspeed_launcher()
@@ -104,7 +107,7 @@ def test_write_into_keeps_the_deepspeed_hyperparameter_in_step(tmp_path, gpus, g
     shutil.copy(REPO / "swallow_70b_ds3.yaml", path)
     shutil.copytree(REPO / "ds_configs", tmp_path / "ds_configs")
     chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=gpus, gpu_mem=gpu_mem, seq=2048, lora=True, global_batch=64)
-    write_into(path, chosen, 2048, gpus=gpus)
+    write_into(path, flags_for(chosen, 2048), gpus=gpus)
     after = Experiment.load(path)
     args = after.script_args()
     assert args[args.index("--deepspeed") + 1] == config
@@ -116,7 +119,7 @@ def test_write_into_drops_the_deepspeed_hyperparameter_when_the_plan_needs_no_de
     path = tmp_path / "exp.yaml"
     shutil.copy(REPO / "swallow_70b_ds3.yaml", path)
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
-    write_into(path, chosen, 2048, gpus=1)
+    write_into(path, flags_for(chosen, 2048), gpus=1)
     after = Experiment.load(path)
     assert "--deepspeed" not in after.script_args() and "deepspeed_config" not in after.config["hyperparameters"]
     assert after.config["hyperparameters"]["training_arguments"] == {"learning_rate": "1e-5"}  # the rest stays
@@ -217,7 +220,7 @@ def test_write_into_keeps_environment_variables_as_written(tmp_path, monkeypatch
     path.write_text(text.replace("python run_clm.py\n", "python run_clm.py\n  --cache_dir $HOME/hf_cache\n", 1))
     assert Experiment.load(path).script_args()[:2] == ["--cache_dir", "/home/planner/hf_cache"]
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
-    write_into(path, chosen, 2048, gpus=1)
+    write_into(path, flags_for(chosen, 2048), gpus=1)
     assert "--cache_dir $HOME/hf_cache" in path.read_text() and "/home/planner" not in path.read_text()
 
 
@@ -231,7 +234,7 @@ def test_an_unknown_gpu_is_refused_not_planned_with_h100_speeds(capsys):
     with pytest.raises(UserError, match=r"^--gpu a100x: unknown GPU: use one of h200, h100, a100, "):
         plan(KNOWN_SHAPES["swallow-70b"], gpus=4, gpu_mem=80, seq=2048, lora=True, global_batch=32, gpu="a100x")
     assert main(["--model", "swallow-70b", "--gpus", "4", "--gpu-mem", "80", "--gpu", "A100"]) == 0
-    assert "on 4 x 80 GiB (a100):" in capsys.readouterr().out
+    assert "on 4 x 79.1 GiB (a100, what torch.cuda reports for 80 GB):" in capsys.readouterr().out
 
 
 def _experiment_training(tmp_path, model: str):
@@ -286,3 +289,121 @@ def test_cli_suggests_what_fits_the_kind_of_name(capsys, model, says):
     assert says in err and err.count("\n") == 1
     if "/" not in model:  # a short name is no Hub id: neither a Hub id to suggest nor one to download
         assert "hf download" not in err and "tokyotech-llm/" not in err
+
+
+def _unplanned(args):
+    """The words of script_args() that the plan does not set (the planned flags and their values left out)."""
+    out, skip = [], 0
+    for arg in args:
+        if skip:
+            skip -= 1
+        elif arg in PLANNED:
+            skip = PLANNED[arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def _with_entrypoint_lines(tmp_path, lines: str):
+    """A copy of experiments/swallow_7b.yaml whose entrypoint starts with these lines."""
+    path = tmp_path / "exp.yaml"
+    shutil.copytree(REPO / "ds_configs", tmp_path / "ds_configs")
+    text = (REPO / "experiments/swallow_7b.yaml").read_text()
+    path.write_text(text.replace("python run_clm.py\n", "python run_clm.py\n" + lines, 1))
+    return path
+
+
+def test_write_into_gives_back_every_word_the_shell_gave(tmp_path, monkeypatch):
+    """The cluster runs the entrypoint with sh: a JSON value or a sentence written back unquoted became several
+    words (the preflight then failed: `invalid training flags: Expecting property name`)."""
+    monkeypatch.setenv("HOME", "/home/planner")
+    path = _with_entrypoint_lines(tmp_path, """  --lr_scheduler_kwargs '{"min_lr": 1e-6}'
+  --system_prompt 'You are a careful math tutor: $5 is five dollars.'
+  --run_name "Tom's run in \\$HOME"
+  --cache_dir $HOME/hf_cache
+  --hub_model_id ~/'my model'
+  --report_to ''
+""")
+    before = Experiment.load(path)
+    assert before.script_args()[:12] == [
+        "--lr_scheduler_kwargs", '{"min_lr": 1e-6}', "--system_prompt", "You are a careful math tutor: $5 is five "
+        "dollars.", "--run_name", "Tom's run in $HOME", "--cache_dir", "/home/planner/hf_cache", "--hub_model_id",
+        "/home/planner/my model", "--report_to", ""]
+    chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=79.1, seq=2048, lora=True, global_batch=32)
+    write_into(path, flags_for(chosen, 2048), gpus=1)
+    after = Experiment.load(path)
+    for expand in (False, True):
+        assert _unplanned(after.script_args(expand)) == _unplanned(before.script_args(expand))
+    # What the cluster does with it: sh -c, in an environment of its own.
+    printf = after.config["entrypoint"].replace("python run_clm.py", "printf '%s\\0'", 1)
+    run = subprocess.run(["sh", "-c", printf], capture_output=True, text=True, env={"HOME": "/home/planner"})
+    assert run.stdout.split("\0")[:-1] == after.script_args()
+    assert "--cache_dir $HOME/hf_cache\n" in path.read_text()  # the file keeps the variable, not this machine's HOME
+    assert check_experiment(path).problems == []
+
+
+@pytest.mark.parametrize("lines", ["  --bf16 true\n  --packing True\n", "  --bf16=true\n  --packing=false\n"])
+def test_write_into_drops_what_argparse_takes_with_a_planned_flag(tmp_path, lines):
+    """HfArgumentParser's boolean flags take an optional value, and any flag may be written --flag=value: a `true`
+    left behind was an unknown run_clm.py flag, a --deepspeed=... left behind kept DeepSpeed in a plan without it."""
+    path = _with_entrypoint_lines(tmp_path, lines + "  --deepspeed=ds_configs/ds_config_stage_3.json\n"
+                                  "  --per-device-train-batch-size 16\n")
+    chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=79.1, seq=2048, lora=True, global_batch=32)
+    write_into(path, flags_for(chosen, 2048), gpus=1)
+    args = Experiment.load(path).script_args()
+    assert not {"true", "True", "false"} & set(args) and not any(a.startswith("--deepspeed") for a in args)
+    assert not any(a.startswith("--per-device") for a in args) and args.count("--per_device_train_batch_size") == 1
+    assert args.count("--bf16") == args.count("--packing") == 1
+    assert check_experiment(path).problems == []
+
+
+def test_write_into_sets_slots_per_trial_not_a_comment_that_mentions_it(tmp_path):
+    """local_tiny_ds3.yaml's header says (slots_per_trial: 2): the comment changed and the key kept 2 GPUs while the
+    batch sizes were planned for 4."""
+    path = tmp_path / "exp.yaml"
+    shutil.copy(REPO / "experiments/local_tiny_ds3.yaml", path)
+    comment = path.read_text().splitlines()[2]
+    assert "(slots_per_trial: 2)" in comment
+    chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=4, gpu_mem=79.1, seq=2048, lora=True, global_batch=32)
+    write_into(path, flags_for(chosen, 2048), gpus=4)
+    assert path.read_text().splitlines()[2] == comment and Experiment.load(path).slots_per_trial == 4
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda text: text.replace("  slots_per_trial: 1\n", ""), "resources has no `slots_per_trial: N` line"),
+    (lambda text: text.replace("resources:\n  slots_per_trial: 1\n  resource_pool: A100\n",
+                               "resources: {slots_per_trial: 1, resource_pool: A100}\n"),
+     "resources has no `slots_per_trial: N` line"),
+    (lambda text: text.replace("entrypoint: >-", "entrypoint: >"), "its entrypoint cannot be rewritten"),
+])
+def test_write_refuses_what_it_cannot_rewrite_and_writes_nothing(tmp_path, capsys, edit, says):
+    path = tmp_path / "exp.yaml"
+    path.write_text(edit((REPO / "experiments/swallow_7b.yaml").read_text()))
+    before = path.read_text()
+    assert main(["--model", "swallow-7b", "--gpus", "2", "--gpu-mem", "80", "--write", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --write {path}: {says}") and captured.err.count("\n") == 1
+    assert captured.out == "" and path.read_text() == before
+
+
+@pytest.mark.parametrize("gpu_mem, gpu, gib", [(80, "a100", 79.1), (40, "a100", 39.4), (80, None, 79.1),
+                                               (40, None, 39.4), (141, "h200", 139.7), (48, None, 44.4),
+                                               (79.6, "h100", 79.6), (None, "h200", 139.7), (None, "a100", 79.1)])
+def test_gpu_mem_is_what_torch_reports_not_the_gb_a_card_is_sold_by(gpu_mem, gpu, gib):
+    assert gpu_gib(gpu_mem, gpu)[0] == gib
+
+
+def test_70b_on_eight_a100_40gb_keeps_the_headroom_of_the_real_card():
+    """--gpu-mem 40 planned micro-batch 4 at 35.9 GiB: over 90% of the 39.5 GiB torch reports for an A100 40GB."""
+    chosen = plan(KNOWN_SHAPES["swallow-70b"], gpus=8, gpu_mem=gpu_gib(40, None)[0], seq=2048, lora=True,
+                  global_batch=64, gpu="a100")
+    assert chosen.estimate.total <= 0.9 * 39.5 * GiB
+
+
+def test_cli_takes_the_gpus_memory_from_gpu_and_says_when_nothing_gives_it(capsys):
+    assert main(["--model", "swallow-70b", "--gpus", "4", "--gpu", "h200"]) == 0
+    assert "on 4 x 139.7 GiB (h200, what torch.cuda reports for it):" in capsys.readouterr().out
+    assert main(["--model", "swallow-70b", "--gpus", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpu-mem: missing: pass GiB per GPU as torch.cuda reports it")
+    assert err.count("\n") == 1
