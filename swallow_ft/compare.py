@@ -264,13 +264,13 @@ def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tu
 def _tuned_weights(tuned: str, checkpoint: Path, storage: Optional[str]) -> Tuple[Optional[tuple], Optional[str]]:
     """((adapter config, state), None) for a LoRA checkpoint; (None, directory) for whole model weights (merged,
     exported or fully fine-tuned). Reads no model weights: only the tensor shapes in the safetensors headers."""
-    from swallow_ft.export import _empty_tensors, load_adapter
+    from swallow_ft.export import empty_tensors, load_adapter
 
     if (checkpoint / "adapter_config.json").is_file():
         return load_adapter(checkpoint), None  # also rebuilds ZeRO-3 adapters that were saved empty
     safetensors = list(checkpoint.glob("*.safetensors"))
     if (checkpoint / "config.json").is_file() and (list(checkpoint.glob("pytorch_model*.bin")) or safetensors and
-                                                   not any(_empty_tensors(p) for p in safetensors)):
+                                                   not any(empty_tensors(p) for p in safetensors)):
         return None, str(checkpoint)
     # ZeRO-3 saves a full model's tensors with size 0 unless gathered. Export rebuilds them from the shards on the
     # CPU in fp32 (~280 GB of memory for 70B): a job to do once, not at every comparison.

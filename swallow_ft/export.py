@@ -5,7 +5,8 @@
 SOURCE is a `checkpoint-N` directory, a Determined checkpoint directory (metadata.json + checkpoint-N/),
 a local run directory (runs/local_tiny: its latest registered checkpoint), a UUID with --storage DIR, or on
 a cluster a checkpoint UUID or `best:<experiment id>`. LoRA adapters are merged into the base model; ZeRO-3
-checkpoints whose saved weights are empty are rebuilt from the per-rank shards with DeepSpeed's own code.
+checkpoints whose saved weights are empty are rebuilt from the per-rank shards with DeepSpeed's own code. Weights
+are written in the base model's dtype; the tokenizer's chat template is the run's prompt format (chat_template.py).
 """
 
 import argparse
@@ -109,7 +110,7 @@ def _download(source: str, download_dir: Path, named: str) -> Path:
 
 
 # ----- reading the weights ----------------------------------------------------------------------
-def _empty_tensors(path: Path) -> list:
+def empty_tensors(path: Path) -> list:
     """Names of zero-size tensors: what ZeRO-3 saves when the 16-bit weights are not gathered."""
     with safe_open(str(path), framework="pt") as f:
         return [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
@@ -160,7 +161,7 @@ def _read_adapter(ckpt_dir: Path) -> tuple:
         raise UserError(f"{weights}: missing; the checkpoint has {config_path.name} but no adapter weights")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     state = load_file(str(weights))
-    empty = _empty_tensors(weights)
+    empty = empty_tensors(weights)
     if state and not empty:
         return config, state, ""
     tag = _zero_tag(ckpt_dir)
@@ -195,7 +196,7 @@ def resolve_base(name: str, flag: str = "") -> str:
     if flag:
         raise UserError(f"{flag} {name}: no such directory; pass the base model's directory or its Hub id")
     raise UserError(f"{name or 'adapter_config.json base_model_name_or_path (empty)'}: base model directory "
-                    "not found; pass --base MODEL, the base the adapter was trained on")
+                    "not found; pass --base MODEL, the base the checkpoint was trained from")
 
 
 def _dtype_for(model, whose: str, dtype: Optional[str]) -> tuple:
@@ -205,7 +206,12 @@ def _dtype_for(model, whose: str, dtype: Optional[str]) -> tuple:
 
     if dtype:
         return dtype, "--dtype"
-    config = AutoConfig.from_pretrained(str(model))
+    try:
+        config = AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError) as exc:  # no such directory or Hub id, no config.json, offline, unreadable JSON
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{model}: cannot read {whose} config.json for the dtype to export in ({reason}); "
+                        "pass --dtype") from exc
     recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if recorded is None:
         return "bfloat16", f"{whose} config.json names no dtype; --dtype to change"
@@ -254,7 +260,7 @@ def _full_model(ckpt_dir: Path, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     weights = [p for p in ckpt_dir.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
-    empty = any(_empty_tensors(p) for p in weights)
+    empty = any(empty_tensors(p) for p in weights)
     if (weights or list(ckpt_dir.glob("pytorch_model*.bin"))) and not empty:
         with _no_zero3_init():
             return AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype), "saved weights"
@@ -274,15 +280,41 @@ def _full_model(ckpt_dir: Path, dtype):
 
 
 # ----- writing ----------------------------------------------------------------------------------
+def _user_data(ckpt: Path) -> dict:
+    """The run's user_data.json in the checkpoint (finetuned_from, prompt_format, system_prompt); {} if none."""
+    path = ckpt / "user_data.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); restore it, or remove it and pass --dtype DTYPE") from exc
+
+
+def _full_base(ckpt: Path, base, dtype: Optional[str]) -> Optional[str]:
+    """The base a fully fine-tuned checkpoint started from: --base, else user_data.json's finetuned_from; None
+    with --dtype and no --base, as then it is not needed."""
+    if dtype and not base:
+        return None
+    name = base or _user_data(ckpt).get("finetuned_from")
+    if not name:
+        raise UserError(f"{ckpt}: no user_data.json naming the base model (finetuned_from), whose dtype export "
+                        "keeps; pass --base MODEL or --dtype DTYPE")
+    return resolve_base(name, flag="--base" if base else "")
+
+
 def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype: Optional[str]) -> tuple:
     """Write the model (or adapter) weights and config; returns (what was done, the resolved base or None)."""
     if not (ckpt / "adapter_config.json").is_file():
         if adapter_only:
             raise UserError(f"{ckpt}: no adapter here (a full fine-tuning checkpoint); drop --adapter-only")
-        dtype, why = _dtype_for(ckpt, "the checkpoint's", dtype)  # a fully fine-tuned model is its own base
+        base_name = _full_base(ckpt, base, dtype)
+        # The base's dtype, not the checkpoint's: without DeepSpeed full fine-tuning trains (and saves) fp32
+        # weights whatever the base's dtype (model.resolve_dtype), which would double a bf16 model's size.
+        dtype, why = _dtype_for(base_name, "the base's", dtype)
         model, how = _full_model(ckpt, DTYPES[dtype])
         model.save_pretrained(model_dir)
-        return f"fully fine-tuned model from {how}, {dtype} ({why})", resolve_base(base) if base else None
+        return f"fully fine-tuned model from {how}, {dtype} ({why})", base_name
     config, state, rebuilt = _read_adapter(ckpt)
     base_name = resolve_base(base or config.get("base_model_name_or_path") or "")
     lora = f"adapter of r={config.get('r')}, alpha={config.get('lora_alpha')}{rebuilt}"
@@ -315,6 +347,8 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
     """
     from transformers import AutoTokenizer
 
+    from swallow_ft.chat_template import save_tokenizer  # here: it imports swallow_ft.data, and with it datasets
+
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -327,11 +361,12 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
         ckpt = resolve_checkpoint(str(source), storage, download_dir=staging / "download")
         model_dir = staging / "model"
         what, base_name = _write_weights(ckpt, model_dir, base, adapter_only, dtype)
-        # The checkpoint's tokenizer carries the pad token and chat template the run trained with.
+        # The checkpoint's tokenizer carries the pad token the run trained with; its chat template is replaced by
+        # the run's prompt format, so that servers prompt the model with the tokens it was trained on.
         tokenizer_from = ckpt if (ckpt / "tokenizer_config.json").is_file() else base_name
         if tokenizer_from is None:
             raise UserError(f"{ckpt}: no tokenizer saved in the checkpoint; pass --base MODEL to take it from")
-        AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(model_dir)
+        template = save_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_from)), model_dir, _user_data(ckpt))
         if (ckpt / "user_data.json").is_file():  # the run's data and prompt settings: compare reads them here too
             shutil.copy2(ckpt / "user_data.json", model_dir / "user_data.json")
         if out.exists():
@@ -340,6 +375,7 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}: {what} (checkpoint {ckpt})", flush=True)
+    print(template, flush=True)
     return out
 
 

@@ -2,6 +2,7 @@
 
 Merged LoRA must compute what base + adapter computes, for a single process and for 2 ZeRO-3 ranks; an
 adapter saved empty by ZeRO-3 is rebuilt from the shards, or refused with the fix when there are none.
+The exported chat template must prompt the model with the very token ids it was trained on.
 """
 
 import json
@@ -18,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swallow_ft.compare import prompt_settings
+from swallow_ft.compare import load_examples, prompt_settings
+from swallow_ft.data.templates import LLAMA3_SPECIALS, SWALLOW_SYSTEM_PROMPT
 from swallow_ft.errors import UserError
 from swallow_ft.export import export, load_adapter, main, merge, resolve_checkpoint
 
@@ -47,6 +49,17 @@ def zero3_run(tiny_model, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs_ds3")
     train("experiments/local_tiny_ds3.yaml", runs_dir)
     return runs_dir / "local_tiny_ds3"
+
+
+@pytest.fixture(scope="module")
+def bf16_full_run(tiny_model, tmp_path_factory):
+    """(run dir, base): full fine-tuning without DeepSpeed of a bfloat16 base, which trains and saves fp32 weights."""
+    base = tmp_path_factory.mktemp("bf16-base")
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    runs_dir = tmp_path_factory.mktemp("runs_full")
+    train("experiments/local_tiny.yaml", runs_dir, "--use_lora", "false", "--model_name_or_path", base)
+    return runs_dir / "local_tiny", base
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +205,12 @@ def test_full_fine_tuning_without_saved_weights_is_consolidated_from_zero3_shard
     assert not (ckpt / "adapter_config.json").exists()
     # What the Trainer leaves without stage3_gather_16bit_weights_on_model_save: no model.safetensors at all.
     shutil.copytree(ckpt, tmp_path / "checkpoint-10", ignore=shutil.ignore_patterns("model.safetensors"))
-    from_saved = export(ckpt, tmp_path / "from_saved")
-    from_shards = export(tmp_path / "checkpoint-10", tmp_path / "from_shards")
+    from_saved = export(ckpt, tmp_path / "from_saved", dtype="bfloat16")
+    from_shards = export(tmp_path / "checkpoint-10", tmp_path / "from_shards", dtype="bfloat16")
     printed = capsys.readouterr().out
-    assert "fully fine-tuned model from saved weights, bfloat16" in printed
-    assert "fully fine-tuned model from consolidated ZeRO-3 shards (global_step10, 2 ranks), bfloat16" in printed
+    assert "fully fine-tuned model from saved weights, bfloat16 (--dtype)" in printed
+    assert "fully fine-tuned model from consolidated ZeRO-3 shards (global_step10, 2 ranks), bfloat16 (--dtype)" \
+        in printed
 
     saved, rebuilt = (load_file(d / "model.safetensors") for d in (from_saved, from_shards))
     # The fp32 master weights rounded to bf16 are exactly the bf16 weights the ranks trained with.
@@ -206,6 +220,107 @@ def test_full_fine_tuning_without_saved_weights_is_consolidated_from_zero3_shard
 
 def config_dtype(model_dir):
     return json.loads((Path(model_dir) / "config.json").read_text())["dtype"]
+
+
+def test_full_fine_tuning_exports_in_the_base_dtype_not_the_fp32_it_trained_in(bf16_full_run, tmp_path, capsys):
+    run_dir, base = bf16_full_run
+    ckpt = resolve_checkpoint(str(run_dir))
+    assert (config_dtype(base), config_dtype(ckpt)) == ("bfloat16", "float32")  # what the checkpoint records
+    out = export(run_dir, tmp_path / "model")
+    assert "fully fine-tuned model from saved weights, bfloat16 (the base's own, from its config.json; --dtype to " \
+           "change)" in capsys.readouterr().out
+    assert config_dtype(out) == "bfloat16" and AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    trained, written = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    assert trained.keys() == written.keys() and all(torch.equal(written[k], trained[k].bfloat16()) for k in trained)
+    export(run_dir, tmp_path / "fp32", dtype="float32")
+    assert config_dtype(tmp_path / "fp32") == "float32"
+
+    # A base that is gone, or whose config cannot be read: one line naming the fix, nothing written.
+    moved = shutil.copytree(ckpt, tmp_path / "checkpoint-10", ignore=shutil.ignore_patterns("*.safetensors"))
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    for finetuned_from, message in ((tmp_path / "gone", "base model directory not found; pass --base MODEL"),
+                                    (no_config, "cannot read the base's config.json for the dtype to export in")):
+        (moved / "user_data.json").write_text(json.dumps({"finetuned_from": str(finetuned_from)}))
+        with pytest.raises(UserError) as caught:
+            export(moved, tmp_path / "refused")
+        assert str(caught.value).startswith(f"{finetuned_from}: {message}") and "\n" not in str(caught.value)
+        assert str(caught.value).endswith(("pass --base MODEL, the base the checkpoint was trained from",
+                                           "; pass --dtype"))
+    assert not (tmp_path / "refused").exists()
+
+
+# Generation prompts: single- and multi-turn, with and without a system message of their own, one with whitespace.
+CHATS = [
+    [{"role": "user", "content": "81 と 70 の和を求めなさい。"}],
+    [{"role": "user", "content": " 富士山の高さは？\n"}],
+    [{"role": "user", "content": "1 と 2 の和は？"}, {"role": "assistant", "content": "3 です。"},
+     {"role": "user", "content": "2 倍すると？"}],
+    [{"role": "system", "content": "簡潔に答えてください。"}, {"role": "user", "content": "こんにちは"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "元気？"}],
+]
+REPLY = {"role": "assistant", "content": "151 です。"}
+
+
+def as_recorded(ckpt, dest, prompt_format, system_prompt, tokenizer="run"):
+    """A copy of CKPT whose user_data.json records other prompt settings and, for "llama3", a tokenizer with Llama-3's
+    special tokens, or for "legacy", one marked legacy (a word boundary after every special token, as transformers 4
+    tokenised Llama-2 vocabularies by default): all that export reads to write the chat template."""
+    shutil.copytree(ckpt, dest, ignore=shutil.ignore_patterns("optimizer.pt"))
+    (dest / "user_data.json").write_text(json.dumps({"prompt_format": prompt_format, "system_prompt": system_prompt}))
+    if tokenizer == "llama3":
+        tok = AutoTokenizer.from_pretrained(dest)
+        tok.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIALS)})
+        tok.save_pretrained(dest)
+    if tokenizer == "legacy":
+        config = json.loads((dest / "tokenizer_config.json").read_text())
+        (dest / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    return dest
+
+
+@pytest.mark.parametrize("prompt_format, system_prompt, tokenizer", [
+    (None, None, "run"),  # as the run recorded it: swallow-instruct-v0.1 and Swallow's system prompt
+    ("swallow-instruct-v0.1", 'Answer "briefly".\n{{ not Jinja }} %}', "run"),
+    ("swallow-instruct-v0.1", "", "run"),  # --system_prompt "": no system block unless the messages bring one
+    ("swallow-instruct-v0.1", SWALLOW_SYSTEM_PROMPT, "legacy"),
+    ("llama3", None, "llama3"),
+    ("llama3", "常に敬語で答えてください。", "llama3"),
+    ("swallow-instruct-v0", None, "run"),
+    ("chat_template", "常に敬語で答えてください。", "run"),
+])
+def test_exported_chat_template_gives_the_token_ids_of_training_and_compare(prompt_format, system_prompt, tokenizer,
+                                                                           lora_run, tmp_path, capsys):
+    source = resolve_checkpoint(str(lora_run))
+    if prompt_format:
+        source = as_recorded(source, tmp_path / "checkpoint-10", prompt_format, system_prompt, tokenizer)
+    out = export(source, tmp_path / "model", adapter_only=True)
+    fmt, system = prompt_settings(out)  # what compare renders with
+    assert f"chat template: the run's {fmt} format with " in capsys.readouterr().out
+
+    exported = AutoTokenizer.from_pretrained(out)
+    chats = CHATS[:2] if fmt == "swallow-instruct-v0" else CHATS  # Alpaca-JA: single-turn, no system message
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": chat + [REPLY]}, ensure_ascii=False) + "\n" for chat in chats))
+    examples = load_examples(str(prompts), AutoTokenizer.from_pretrained(source), str(source), fmt, system)
+    for chat, example in zip(chats, examples, strict=True):
+        served = exported.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert exported.convert_ids_to_tokens(served) == exported.convert_ids_to_tokens(example.prompt_ids)
+        assert exported.apply_chat_template(chat + [REPLY], tokenize=True)["input_ids"] == example.input_ids
+
+
+def test_export_says_in_one_line_when_the_chat_template_cannot_give_the_training_ids(lora_run, tmp_path, capsys):
+    # Trained in the tokenizer's own template with a legacy tokenizer: training tokenised "<s>[INST]" as
+    # <s> ▁[ INST, but transformers 5 saves LlamaTokenizer without `legacy`, and the saved one reads <s> [ INST;
+    # no template text can change how the tokenizer splits text that the template itself contains.
+    source = as_recorded(resolve_checkpoint(str(lora_run)), tmp_path / "checkpoint-10", "chat_template", None,
+                         "legacy")
+    out = export(source, tmp_path / "model", adapter_only=True)
+    assert [line for line in capsys.readouterr().out.splitlines() if "chat template" in line] == [
+        "warning: chat template: apply_chat_template does not give the token ids the run trained on (sample 1, "
+        "add_generation_prompt=True: token 1 is '[' where training has '▁['); prompt this model with ids rendered "
+        "by swallow_ft.data.templates, as compare does"]
+    assert (out / "tokenizer_config.json").is_file()
 
 
 def test_cli_exports_a_run_directory_in_the_base_dtype(lora_run, tiny_model, tmp_path):
@@ -218,6 +333,18 @@ def test_cli_exports_a_run_directory_in_the_base_dtype(lora_run, tiny_model, tmp
     assert f"wrote {out}: merged adapter of r=16, alpha=32 into .cache/tiny-swallow, float32 (the base's own, from " \
            "its config.json; --dtype to change)" in result.stdout
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+    # The served prompt is the trained one: the run's system prompt, and SentencePiece's word boundary after <s>.
+    assert "chat template: the run's swallow-instruct-v0.1 format with the run's system prompt when the messages " \
+           "bring none; apply_chat_template gives training's token ids (checked on 8 sample prompts)" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    question = [{"role": "user", "content": "81 と 70 の和を求めなさい。"}]
+    assert tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False) == \
+        f"<s> [INST] <<SYS>>\n{SWALLOW_SYSTEM_PROMPT}\n<</SYS>>\n\n81 と 70 の和を求めなさい。 [/INST]"
+    ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:4] == ["<s>", "▁[", "INST", "]"]
+    # As training encodes it: the text without <s>, which the tokenizer adds.
+    assert ids == tokenizer(f"[INST] <<SYS>>\n{SWALLOW_SYSTEM_PROMPT}\n<</SYS>>\n\n81 と 70 の和を求めなさい。 [/INST]")[
+        "input_ids"]
 
 
 def test_dtype_overrides_the_base_dtype_and_bfloat16_is_only_the_fallback(lora_run, tiny_model, tmp_path, capsys):

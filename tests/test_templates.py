@@ -172,3 +172,70 @@ def test_sample_chat_data_is_multi_turn_japanese(tokenizer):
     convs = [to_conversation(r, "messages", "chat_ja") for r in rows]
     assert len(convs) == 200 and all(len(c.turns) >= 2 for c in convs)
     assert any(c.system for c in convs)
+
+
+PADDED = Conversation(turns=[Turn(" 1 と 2 の和は？\n", "\n3 です。 ")], system=" 簡潔に答えてください。\n")
+
+
+@pytest.mark.parametrize("fmt", ["swallow-instruct-v0.1", "llama3"])
+def test_chat_formats_strip_messages_as_meta_s_templates_do(fmt, tokenizer, llama3_tokenizer):
+    """Meta's Llama-2 (`.strip()`) and Llama-3 (`| trim`) templates strip every message, and so must training,
+    or the exported chat template and training would disagree on data with stray whitespace."""
+    tok = llama3_tokenizer if fmt == "llama3" else tokenizer
+    stripped = Conversation(turns=[Turn("1 と 2 の和は？", "3 です。")], system="簡潔に答えてください。")
+    assert render(fmt, PADDED, tok)[:2] == render(fmt, stripped, tok)[:2]
+
+
+@pytest.mark.parametrize("fmt", ["swallow-instruct-v0.1", "swallow-instruct-v0", "llama3"])
+@pytest.mark.parametrize("system_prompt", [None, "常に敬語で答えてください。"])
+def test_each_format_s_chat_template_gives_the_training_ids(fmt, system_prompt, tokenizer, llama3_tokenizer):
+    """The Jinja template a format writes (for exported models) tokenises to the ids its renderer trains on, for a
+    generation prompt and a whole conversation, with the run's system prompt or the conversation's own.
+    " ": the tiny SentencePiece tokenizer's word boundary after a special token (chat_template.text_prefix)."""
+    tok = llama3_tokenizer if fmt == "llama3" else tokenizer
+    spec = FORMATS[fmt]
+    template = spec.jinja(tok, spec.system_prompt(system_prompt), " ")
+    # Alpaca-JA is single-turn without a system message; chat messages have no separate Alpaca `input`.
+    convs = [SINGLE, Conversation(turns=PADDED.turns)] if fmt == "swallow-instruct-v0" else [SINGLE, MULTI, SYSTEM,
+                                                                                             PADDED]
+    for conv in convs:
+        for generation in (True, False):
+            messages = conv.messages()[:-1] if generation else conv.messages()
+            ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=generation,
+                                          tokenize=True, return_dict=False)
+            expected, _ = encode(spec.render(conv, tok, system_prompt, for_generation=generation), tok)
+            assert tok.convert_ids_to_tokens(ids) == tok.convert_ids_to_tokens(expected), (conv, generation)
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    """A Llama-3-like tokenizer: byte-level BPE (no word boundary added anywhere) with Llama-3's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import REPO
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = (REPO / "data/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()[:300]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=list(LLAMA3_SPECIALS),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def test_text_prefix_follows_how_the_tokenizer_treats_text_after_a_special_token(tiny_model, tokenizer,
+                                                                                 byte_level_tokenizer):
+    from swallow_ft.chat_template import text_prefix
+
+    legacy = AutoTokenizer.from_pretrained(tiny_model, legacy=True)  # a word boundary after every special token
+    assert legacy.convert_ids_to_tokens(legacy("<s>[INST]", add_special_tokens=False)["input_ids"])[:2] == \
+        tokenizer.convert_ids_to_tokens(tokenizer("<s> [INST]", add_special_tokens=False)["input_ids"])[:2] == \
+        ["<s>", "▁["]
+    assert (text_prefix(tokenizer), text_prefix(legacy), text_prefix(byte_level_tokenizer)) == (" ", "", "")
+    spec = FORMATS["llama3"]
+    for conv in (MULTI, SYSTEM, PADDED):
+        ids = byte_level_tokenizer.apply_chat_template(conv.messages(), chat_template=spec.jinja(None, None, ""),
+                                                       tokenize=True, return_dict=False)
+        assert ids == encode(spec.render(conv, byte_level_tokenizer, None), byte_level_tokenizer)[0]

@@ -4,8 +4,12 @@ A format renders a conversation into a list of pieces: `Text` (tokenised later, 
 its neighbours, so training sees exactly the tokens inference will) and `Special` (a token id from
 the tokenizer's vocabulary, so user text that happens to contain "</s>" can never become a real EOS).
 `trained` marks what the loss sees: assistant replies and the token that closes each reply.
+
+Each chat format also writes itself as a Jinja chat template (for `apply_chat_template`, vLLM, TGI), here beside
+its renderer so that the two cannot drift apart; swallow_ft/chat_template.py checks them token for token on export.
 """
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
@@ -63,6 +67,9 @@ class PromptFormat:
     literal_specials: bool = False
     default_system: Optional[str] = None  # what render uses when --system_prompt is not given
     takes_system: bool = True  # False: render ignores --system_prompt
+    # (tokenizer, system prompt trained with, text_prefix) -> the Jinja chat template rendering this format;
+    # None: the format has no chat form (raw text). text_prefix: see swallow_ft.chat_template.text_prefix.
+    jinja: Optional[Callable] = None
 
     def system_prompt(self, requested: Optional[str]) -> Optional[str]:
         """The system prompt this format renders for --system_prompt `requested` (None: not given)."""
@@ -85,19 +92,29 @@ def _open_turns(conv: Conversation, for_generation: bool) -> List[tuple]:
     return turns
 
 
+def _system(conv: Conversation, default: Optional[str]) -> str:
+    """The conversation's own system message, else the run's system prompt; stripped, as Meta's templates do."""
+    return (conv.system if conv.system is not None else default or "").strip()
+
+
 def render_llama2_chat(conv, tokenizer, system_prompt, for_generation=False) -> List[Piece]:
-    """Swallow-*-instruct-v0.1: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {reply} </s>`."""
+    """Swallow-*-instruct-v0.1: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {reply} </s>`.
+
+    Messages are stripped, as Meta's Llama-2 chat code and template do (`.strip()`), so that a stray newline in
+    the data trains the same tokens that a chat template (jinja_llama2_chat) serves.
+    """
     _require_chat(conv, "swallow-instruct-v0.1")
-    system = conv.system if conv.system is not None else FORMATS["swallow-instruct-v0.1"].system_prompt(system_prompt)
+    system = _system(conv, FORMATS["swallow-instruct-v0.1"].system_prompt(system_prompt))
     pieces: List[Piece] = []
     for i, (user, reply) in enumerate(_open_turns(conv, for_generation)):
         if i == 0 and conv.input:
             user = f"{user}\n\n{conv.input}"
+        user = user.strip()
         if i == 0 and system:
             user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
         pieces += [Special(tokenizer.bos_token_id), Text(f"[INST] {user} [/INST]")]
         if reply is not None:
-            pieces += [Text(f" {reply} ", trained=True), Special(tokenizer.eos_token_id, trained=True)]
+            pieces += [Text(f" {reply.strip()} ", trained=True), Special(tokenizer.eos_token_id, trained=True)]
     return pieces
 
 
@@ -128,15 +145,16 @@ def render_llama3(conv, tokenizer, system_prompt, for_generation=False) -> List[
         return [Special(ids["<|start_header_id|>"]), Text(role), Special(ids["<|end_header_id|>"]),
                 Text("\n\n"), Text(content, trained), Special(ids["<|eot_id|>"], trained)]
 
-    system = conv.system if conv.system is not None else system_prompt
+    # Contents stripped as Meta's Llama-3 template does (`message['content'] | trim`).
+    system = _system(conv, system_prompt)
     pieces: List[Piece] = [Special(ids["<|begin_of_text|>"])] + (block("system", system) if system else [])
     for i, (user, reply) in enumerate(_open_turns(conv, for_generation)):
-        pieces += block("user", f"{user}\n\n{conv.input}" if i == 0 and conv.input else user)
+        pieces += block("user", (f"{user}\n\n{conv.input}" if i == 0 and conv.input else user).strip())
         if reply is None:
             pieces += [Special(ids["<|start_header_id|>"]), Text("assistant"), Special(ids["<|end_header_id|>"]),
                        Text("\n\n")]
         else:
-            pieces += block("assistant", reply, trained=True)
+            pieces += block("assistant", reply.strip(), trained=True)
     return pieces
 
 
@@ -176,12 +194,74 @@ def render_raw(conv, tokenizer, system_prompt, for_generation=False) -> List[Pie
     return [Special(tokenizer.bos_token_id), Text(text, trained=True), Special(tokenizer.eos_token_id, trained=True)]
 
 
+# ----- the same formats as Jinja chat templates ---------------------------------------------------
+# Each mirrors its renderer above piece for piece. All text is written as {{ '...' }} expressions, never as bare
+# template text, because transformers compiles templates with trim_blocks, which would eat a newline after a tag.
+# `p` is the text that follows a special token wherever the renderer starts a new Text run: the renderer
+# tokenises that run on its own (SentencePiece then prefixes a word boundary), the template as part of one string.
+def _lit(text: str) -> str:
+    """A Jinja string literal: JSON's escapes are a subset of the ones Jinja decodes."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _jinja_system(system_prompt: Optional[str]) -> str:
+    """Sets `system` (as _system does) and drops a leading system message from `messages`."""
+    return ("{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] | trim -%}{%- set messages = messages[1:] -%}"
+            "{%- else -%}{%- set system = " + _lit((system_prompt or "").strip()) + " -%}{%- endif -%}")
+
+
+_ALTERNATE = ("{%- if message['role'] not in ('user', 'assistant') or (message['role'] == 'user') != "
+              "(loop.index0 % 2 == 0) -%}{{ raise_exception('after an optional system message, roles must "
+              "alternate user, assistant, user, ...') }}{%- endif -%}")
+
+
+def jinja_llama2_chat(tokenizer, system_prompt, p: str) -> str:
+    return (_jinja_system(system_prompt) + "{%- for message in messages -%}" + _ALTERNATE +
+            "{%- if message['role'] == 'user' -%}{{ bos_token + " + _lit(p + "[INST] ") + " }}"
+            "{%- if loop.first and system -%}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{%- endif -%}"
+            "{{ message['content'] | trim + ' [/INST]' }}"
+            "{%- else -%}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif -%}{%- endfor -%}")
+
+
+def jinja_alpaca_ja(tokenizer, system_prompt, p: str) -> str:
+    return ("{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user' or messages | length == 2 "
+            "and messages[1]['role'] != 'assistant' -%}{{ raise_exception('swallow-instruct-v0 (Alpaca-JA) is "
+            "single-turn with no system prompt: one user message, then the reply') }}{%- endif -%}"
+            "{{ bos_token + " + _lit(p + ALPACA_JA_NO_INPUT + "### 指示:\n") + " + messages[0]['content'] + "
+            "'\\n\\n### 応答:' }}"
+            "{%- if messages | length == 2 -%}{{ '\\n' + messages[1]['content'] + eos_token }}{%- endif -%}")
+
+
+def jinja_llama3(tokenizer, system_prompt, p: str) -> str:
+    def header(role):
+        return _lit("<|start_header_id|>" + p) + f" + {role} + " + _lit("<|end_header_id|>" + p + "\n\n")
+
+    return ("{{ '<|begin_of_text|>' }}" + _jinja_system(system_prompt) +
+            "{%- if system -%}{{ " + header("'system'") + " + system + '<|eot_id|>' }}{%- endif -%}"
+            "{%- for message in messages -%}" + _ALTERNATE +
+            "{{ " + header("message['role']") + " + message['content'] | trim + '<|eot_id|>' }}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ " + header("'assistant'") + " }}{%- endif -%}")
+
+
+def jinja_own(tokenizer, system_prompt, p: str) -> Optional[str]:
+    """The tokenizer's own template, given the run's system prompt when the messages bring none (as
+    render_chat_template does); None when its template is not a single string."""
+    own = getattr(tokenizer, "chat_template", None)
+    if not isinstance(own, str) or not system_prompt:
+        return own if isinstance(own, str) else None
+    return ("{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + _lit(system_prompt) + "}] + (messages[1:] "
+            "if messages and messages[0]['role'] == 'system' else messages) -%}{%- endif %}" + own)
+
+
 FORMATS = {
     "swallow-instruct-v0.1": PromptFormat("swallow-instruct-v0.1", render_llama2_chat,
-                                          default_system=SWALLOW_SYSTEM_PROMPT),
-    "swallow-instruct-v0": PromptFormat("swallow-instruct-v0", render_alpaca_ja, takes_system=False),
-    "llama3": PromptFormat("llama3", render_llama3),
-    "chat_template": PromptFormat("chat_template", render_chat_template, literal_specials=True),
+                                          default_system=SWALLOW_SYSTEM_PROMPT, jinja=jinja_llama2_chat),
+    "swallow-instruct-v0": PromptFormat("swallow-instruct-v0", render_alpaca_ja, takes_system=False,
+                                        jinja=jinja_alpaca_ja),
+    "llama3": PromptFormat("llama3", render_llama3, jinja=jinja_llama3),
+    "chat_template": PromptFormat("chat_template", render_chat_template, literal_specials=True, jinja=jinja_own),
     "none": PromptFormat("none", render_raw, takes_system=False),
 }
 
