@@ -183,7 +183,8 @@ def test_generated_files_stay_out_of_the_upload(tmp_path):
                "checkpoints",  # where export and compare download a checkpoint UUID (export.resolve_checkpoint)
                "comparison",  # compare's default --out
                ".ipynb_checkpoints", ".pytest_cache", "tests"}
-    written |= {out.split("/")[0] for out in re.findall(r"--out (\S+)", readme)}  # exported/, runs/...
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))  # not the prose's `--out DIR`
+    written |= {out.split("/")[0] for out in re.findall(r"--out (\S+)", commands)}  # exported/, runs/...
     assert "exported" in written  # the README's export commands are still parsed
     (tmp_path / ".detignore").write_bytes((REPO / ".detignore").read_bytes())
     for top in written:

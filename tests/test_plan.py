@@ -122,7 +122,7 @@ def test_write_into_drops_the_deepspeed_hyperparameter_when_the_plan_needs_no_de
     write_into(path, flags_for(chosen, 2048), gpus=1)
     after = Experiment.load(path)
     assert "--deepspeed" not in after.script_args() and "deepspeed_config" not in after.config["hyperparameters"]
-    assert after.config["hyperparameters"]["training_arguments"] == {"learning_rate": "1e-5"}  # the rest stays
+    assert after.config["hyperparameters"]["training_arguments"] == {"learning_rate": "1e-4"}  # the rest stays
 
 
 @pytest.mark.parametrize("gpus", [4, 8])
