@@ -83,7 +83,7 @@ def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str =
         input_ids, labels = encode(fmt.render(conv, tokenizer, system_prompt), tokenizer, fmt.literal_specials)
         if len(prompt_ids) < len(input_ids) and input_ids[:len(prompt_ids)] == prompt_ids:
             # The loss is on the reference the report shows, the last reply: the earlier replies of a `messages`
-            # row are part of its prompt. (The `none` format has no prompt apart from its text, trained whole.)
+            # row are part of its prompt, as is the question of a `none` (raw text) row.
             labels = [IGNORE] * len(prompt_ids) + labels[len(prompt_ids):]
         examples.append(Example(index, conv.turns[-1].user, conv.turns[-1].assistant, prompt_ids, input_ids, labels))
     return examples

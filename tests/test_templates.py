@@ -111,6 +111,14 @@ def test_generation_prompt_is_a_prefix_of_the_training_text(tokenizer):
     assert tokenizer.decode(prompt_ids).endswith("2 倍すると？ [/INST]")
 
 
+def test_raw_text_generation_prompt_leaves_the_last_reply_to_the_model(tokenizer):
+    """compare prompts a `none` (continual pre-training) run with the text before the reply, not the whole text."""
+    fmt = FORMATS["none"]
+    prompt_ids, labels = encode(fmt.render(MULTI, tokenizer, None, for_generation=True), tokenizer)
+    assert tokenizer.decode(prompt_ids) == "<s> 1 と 2 の和は？\n3 です。\n2 倍すると？\n"
+    assert set(labels) == {IGNORE}
+
+
 def test_auto_format_follows_the_model(tokenizer, llama3_tokenizer):
     assert choose_format("auto", "tokyotech-llm/Swallow-70b-instruct-v0.1", tokenizer, "camel-math").name == \
         "swallow-instruct-v0.1"

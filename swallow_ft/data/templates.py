@@ -187,11 +187,17 @@ def render_chat_template(conv, tokenizer, system_prompt, for_generation=False) -
 
 
 def render_raw(conv, tokenizer, system_prompt, for_generation=False) -> List[Piece]:
-    """Continual pre-training on raw text: everything is trained, as HF run_clm did."""
-    text = conv.text if conv.text is not None else "\n".join(
-        part for i, t in enumerate(conv.turns)
-        for part in (t.user, conv.input if i == 0 else None, t.assistant) if part)
-    return [Special(tokenizer.bos_token_id), Text(text, trained=True), Special(tokenizer.eos_token_id, trained=True)]
+    """Continual pre-training on raw text: everything is trained, as HF run_clm did. For generation (compare) the
+    text up to the last reply, for the model to continue: without it the prompt would hold the answer."""
+    if conv.text is not None:
+        return [Special(tokenizer.bos_token_id), Text(conv.text, trained=True),
+                Special(tokenizer.eos_token_id, trained=True)]
+    parts = [part for i, (user, reply) in enumerate(_open_turns(conv, for_generation))
+             for part in (user, conv.input if i == 0 else None, reply) if part]
+    if for_generation:
+        return [Special(tokenizer.bos_token_id), Text("\n".join(parts) + "\n")]
+    return [Special(tokenizer.bos_token_id), Text("\n".join(parts), trained=True),
+            Special(tokenizer.eos_token_id, trained=True)]
 
 
 # ----- the same formats as Jinja chat templates ---------------------------------------------------
