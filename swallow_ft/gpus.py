@@ -2,6 +2,7 @@
 each size the card is sold in, the rates the planner ranks settings by, and whether it has bf16. Its names are the
 planner's --gpu choices and what a resource pool's name is matched against, and a size a card is sold by (--gpu-mem
 80) is read the same way by both (gpu_gib)."""
+import math
 import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -29,11 +30,18 @@ CARDS = {"h200": Card({141: 139.7}, 360, 300), "h100": Card({80: 79.1}, 350, 300
 
 def gpu_memory_for_pool(resource_pool: str) -> Optional[float]:
     """GiB of the card in a resource pool's name (at its start, after a separator or a count, "8xh100"; not in a word,
-    "pool4", nor a longer model, "A100" is no A10), or None. A card sold in two sizes is taken as the first listed
-    (A100: 80 GB) unless the name gives its GB ("a100-40gb")."""
-    found = ((card.cuda_gib, re.search(rf"(?:^|[^A-Z]|\dX){name.upper()}(?!\d)[-_ ]?(\d*)", resource_pool.upper()))
-             for name, card in CARDS.items())
-    return next((sizes.get(int(m[1] or 0), next(iter(sizes.values()))) for sizes, m in found if m), None)
+    "pool4", nor a longer model, "A100" is no A10), or None. Its size is what the name says in GB anywhere in it
+    ("A100-SXM4-40GB", "40gb-a100") or a number right after the card ("a100-80"); without one, the card's first listed
+    size (A100: 80 GB). A size the table lacks is scaled as the card's listed size is ("v100-16gb": 15.8)."""
+    name = resource_pool.upper()
+    for card_name, card in CARDS.items():
+        found = re.search(rf"(?:^|[^A-Z]|\dX){card_name.upper()}(?!\d)[-_ ]?(\d*)", name)
+        if found:
+            stated = re.search(r"(?:^|[^\dA-Z]|\dX)(\d+) ?GB?(?![A-Z])", name)  # not A10G's "10G"
+            size = int(stated[1]) if stated else int(found[1] or 0)
+            listed, gib = next(iter(card.cuda_gib.items()))
+            return card.cuda_gib.get(size) or (math.floor(10 * size * gib / listed) / 10 if size else gib)
+    return None
 
 
 def gpu_gib(gpu_mem: Optional[float], gpu: Optional[str] = None) -> Tuple[float, str]:

@@ -67,15 +67,16 @@ def _expanding(exp) -> List[set]:
 
 
 def _shell_word(word: str, expanding: set) -> str:
-    """The word as sh must read it to give it back: shlex-quoted, but with what sh expanded left for it to expand (a
-    variable in double quotes, so that sh does not split its value, unless the word needs no quotes at all)."""
+    """The word as sh must read it to give it back: shlex-quoted, but with what sh expanded left for it to expand. A
+    variable always goes in double quotes, because sh would split an unquoted one's value on spaces, where the
+    experiment's own reading of the entrypoint (Experiment.entrypoint_tokens) never does."""
     parts, last = [], 0
     for m in (m for m in _EXPANDED.finditer(word) if m.start() in expanding):
         parts += [word[last:m.start()], m[0]]
         last = m.end()
     parts.append(word[last:])
-    if len(parts) == 1 or all(shlex.quote(part) == part for part in parts[::2] if part):
-        return shlex.quote(word) if len(parts) == 1 else word
+    if len(parts) == 1:
+        return shlex.quote(word)
     return "".join((part if part.startswith("~") else f'"{part}"') if i % 2 else shlex.quote(part) if part else ""
                    for i, part in enumerate(parts))
 

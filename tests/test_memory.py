@@ -417,7 +417,9 @@ def test_70b_lora_zero3_fits_four_80gb_gpus():
 
 @pytest.mark.parametrize("pool, gib", [("h200-pool", 139.7), ("gpu-H100x8", 79.1), ("A100-80", 79.1), ("a10g", 21.9),
                                        ("L40S", 44.4), ("l4-spot", 21.9), ("rtx-a6000", 47.4), ("8xH100", 79.1),
-                                       ("a100_40gb", 39.4), ("A100", 79.1), ("cpu-pool", None), ("pool4", None)])
+                                       ("a100_40gb", 39.4), ("A100", 79.1), ("cpu-pool", None), ("pool4", None),
+                                       ("A100-SXM4-40GB", 39.4), ("a100-pcie-40gb", 39.4), ("40gb-a100", 39.4),
+                                       ("a100-2x40gb", 39.4), ("a100-40gb-spot", 39.4), ("v100-16gb", 15.8)])
 def test_gpu_memory_for_pool_is_what_torch_reports(pool, gib):
     """Not the GB the card is sold by: torch.cuda reports 79.11 GiB for an H100 80GB, 39.5 for an A100 40GB."""
     assert gpu_memory_for_pool(pool) == gib

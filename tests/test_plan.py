@@ -221,7 +221,7 @@ def test_write_into_keeps_environment_variables_as_written(tmp_path, monkeypatch
     assert Experiment.load(path).script_args()[:2] == ["--cache_dir", "/home/planner/hf_cache"]
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
     write_into(path, flags_for(chosen, 2048), gpus=1)
-    assert "--cache_dir $HOME/hf_cache" in path.read_text() and "/home/planner" not in path.read_text()
+    assert '--cache_dir "$HOME"/hf_cache' in path.read_text() and "/home/planner" not in path.read_text()
 
 
 def test_an_unknown_gpu_is_refused_not_planned_with_h100_speeds(capsys):
@@ -317,18 +317,20 @@ def test_write_into_gives_back_every_word_the_shell_gave(tmp_path, monkeypatch):
     """The cluster runs the entrypoint with sh: a JSON value or a sentence written back unquoted became several
     words (the preflight then failed: `invalid training flags: Expecting property name`)."""
     monkeypatch.setenv("HOME", "/home/planner")
+    monkeypatch.setenv("RUN", "my run")  # sh splits an unquoted variable's value: "$RUN" must stay quoted
     path = _with_entrypoint_lines(tmp_path, """  --lr_scheduler_kwargs '{"min_lr": 1e-6}'
   --system_prompt 'You are a careful math tutor: $5 is five dollars.'
   --run_name "Tom's run in \\$HOME"
   --cache_dir $HOME/hf_cache
   --hub_model_id ~/'my model'
   --report_to ''
+  --output_dir "$RUN"
 """)
     before = Experiment.load(path)
-    assert before.script_args()[:12] == [
+    assert before.script_args()[:14] == [
         "--lr_scheduler_kwargs", '{"min_lr": 1e-6}', "--system_prompt", "You are a careful math tutor: $5 is five "
         "dollars.", "--run_name", "Tom's run in $HOME", "--cache_dir", "/home/planner/hf_cache", "--hub_model_id",
-        "/home/planner/my model", "--report_to", ""]
+        "/home/planner/my model", "--report_to", "", "--output_dir", "my run"]
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=79.1, seq=2048, lora=True, global_batch=32)
     write_into(path, flags_for(chosen, 2048), gpus=1)
     after = Experiment.load(path)
@@ -336,9 +338,10 @@ def test_write_into_gives_back_every_word_the_shell_gave(tmp_path, monkeypatch):
         assert _unplanned(after.script_args(expand)) == _unplanned(before.script_args(expand))
     # What the cluster does with it: sh -c, in an environment of its own.
     printf = after.config["entrypoint"].replace("python run_clm.py", "printf '%s\\0'", 1)
-    run = subprocess.run(["sh", "-c", printf], capture_output=True, text=True, env={"HOME": "/home/planner"})
+    run = subprocess.run(["sh", "-c", printf], capture_output=True, text=True,
+                         env={"HOME": "/home/planner", "RUN": "my run"})
     assert run.stdout.split("\0")[:-1] == after.script_args()
-    assert "--cache_dir $HOME/hf_cache\n" in path.read_text()  # the file keeps the variable, not this machine's HOME
+    assert '--cache_dir "$HOME"/hf_cache\n' in path.read_text()  # the variable, not this machine's HOME
     assert check_experiment(path).problems == []
 
 

@@ -119,6 +119,16 @@ def test_raw_text_generation_prompt_leaves_the_last_reply_to_the_model(tokenizer
     assert set(labels) == {IGNORE}
 
 
+def test_a_format_that_needs_bos_refuses_a_tokenizer_without_one(tiny_model):
+    """Its ids would hold None, which fails only in torch.tensor, after the weights have loaded."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.bos_token = None
+    with pytest.raises(UserError, match=r"^prompt_format swallow-instruct-v0.1 needs the tokenizer's bos_token, and "
+                                        r"my-model's has none: set it in its tokenizer_config.json"):
+        choose_format("auto", "my-model", tok, "camel-math")
+    assert choose_format("chat_template", "my-model", tok, "camel-math").name == "chat_template"
+
+
 def test_auto_format_follows_the_model(tokenizer, llama3_tokenizer):
     assert choose_format("auto", "tokyotech-llm/Swallow-70b-instruct-v0.1", tokenizer, "camel-math").name == \
         "swallow-instruct-v0.1"

@@ -274,6 +274,19 @@ FORMATS = {
 
 def choose_format(requested: str, model_name: str, tokenizer, shape: str) -> PromptFormat:
     """`auto` picks the format the model was instruction-tuned with, from its name and vocabulary."""
+    fmt = _choose_format(requested, model_name, tokenizer, shape)
+    # Every format but llama3 (its own <|begin_of_text|>) and chat_template (the template's text) opens with BOS
+    # and closes with EOS by id: without them the ids would hold None, found only once the weights have loaded.
+    if fmt.name not in ("llama3", "chat_template"):
+        missing = [name for name in ("bos_token", "eos_token") if getattr(tokenizer, f"{name}_id") is None]
+        if missing:
+            raise UserError(f"prompt_format {fmt.name} needs the tokenizer's {' and '.join(missing)}, and "
+                            f"{model_name}'s has none: set it in its tokenizer_config.json, or choose "
+                            "--prompt_format chat_template")
+    return fmt
+
+
+def _choose_format(requested: str, model_name: str, tokenizer, shape: str) -> PromptFormat:
     if requested != "auto":
         if requested not in FORMATS:
             raise UserError(f"--prompt_format {requested!r} is not one of auto, {', '.join(FORMATS)}")
