@@ -12,8 +12,10 @@ the ids that training's renderer gives (the ids compare generates from).
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from swallow_ft.data.encoding import encode
-from swallow_ft.data.templates import FORMATS, Conversation, PromptFormat, Turn
+from jinja2 import TemplateError
+
+from swallow_ft.data.encoding import IGNORE, encode
+from swallow_ft.data.templates import FORMATS, LLAMA3_SPECIALS, Conversation, PromptFormat, Turn
 from swallow_ft.errors import UserError
 
 # Single- and multi-turn, with and without a system message of their own, and with whitespace round the messages
@@ -57,17 +59,49 @@ def training_cases(fmt: PromptFormat, tokenizer, system_prompt: Optional[str]) -
             try:
                 ids, _ = encode(fmt.render(conv, tokenizer, system_prompt, for_generation), tokenizer,
                                 fmt.literal_specials)
-            except UserError:  # a conversation the format cannot hold (Alpaca-JA is single-turn)
+            # A conversation the format cannot hold: Alpaca-JA is single-turn, and a tokenizer's own template may
+            # reject a system message (Mistral's and Gemma's "System role not supported"), so the run trained on none.
+            except (UserError, TemplateError):
                 continue
             messages = conv.messages()
             cases.append((messages[:-1] if for_generation else messages, for_generation, ids))
     return cases
 
 
+def stop_token_ids(tokenizer, generation_config=None, fmt: Optional[PromptFormat] = None,
+                   system_prompt: Optional[str] = None) -> List[int]:
+    """The ids that end a reply: the tokenizer's EOS, Llama-3's <|eot_id|>, the token that closes a trained reply in
+    FMT, and every EOS id of GENERATION_CONFIG (Llama-3.1-style configs list several: 128001, 128008, 128009).
+    compare stops generating at them; export lists them in generation_config.json, so that servers stop there too."""
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer.convert_tokens_to_ids(LLAMA3_SPECIALS[-1])
+    if eot is not None and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    if fmt is not None:
+        ids.add(closing_token_id(fmt, tokenizer, system_prompt))
+    ids.update(_eos_ids(generation_config))
+    return sorted(i for i in ids if i is not None)
+
+
+def _eos_ids(generation_config) -> List[int]:
+    """A generation config's eos_token_id, which is one id, a list of them or None, as a list."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    return list(configured) if isinstance(configured, (list, tuple)) else [configured]
+
+
+def closing_token_id(fmt: PromptFormat, tokenizer, system_prompt: Optional[str] = None) -> Optional[int]:
+    """The special token that closes a trained reply in FMT (</s>, Llama-3's <|eot_id|>, a ChatML template's
+    <|im_end|>, which may be followed by trained text such as a newline); None when none does."""
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    try:
+        ids, labels = encode(fmt.render(SAMPLES[0], tokenizer, system_prompt), tokenizer, fmt.literal_specials)
+    except (UserError, TemplateError):
+        return None
+    return next((i for i, label in zip(reversed(ids), reversed(labels)) if label != IGNORE and i in specials), None)
+
+
 def first_mismatch(tokenizer, cases) -> Optional[str]:
     """Where the tokenizer's apply_chat_template first differs from the training ids of CASES; None if nowhere."""
-    from jinja2 import TemplateError
-
     for n, (messages, generation, expected) in enumerate(cases, 1):
         where = f"sample {n}, add_generation_prompt={generation}"
         try:
@@ -115,3 +149,24 @@ def save_tokenizer(tokenizer, directory: Path, settings: dict) -> str:
     with_system = "the run's system prompt when the messages bring none" if system else "no default system prompt"
     return (f"chat template: the run's {name} format with {with_system}; apply_chat_template gives training's "
             f"token ids (checked on {len(cases)} sample prompts)")
+
+
+def save_stop_tokens(tokenizer, directory: Path, settings: dict) -> Optional[str]:
+    """Add the ids that end the run's replies (stop_token_ids) to DIRECTORY's generation_config.json, which vLLM, TGI
+    and pipeline stop at: a Llama-3 base trained in the llama3 format ends its replies with <|eot_id|>, where the
+    base's config lists only <|end_of_text|>. Returns export's line about it; None when nothing was added, or when
+    there is no config (an adapter: the base's own applies)."""
+    from transformers import GenerationConfig
+
+    if not (Path(directory) / "generation_config.json").is_file():
+        return None
+    config = GenerationConfig.from_pretrained(directory)
+    fmt = FORMATS.get(settings.get("prompt_format"))
+    ids = stop_token_ids(tokenizer, config, fmt, fmt and fmt.system_prompt(settings.get("system_prompt")))
+    added = [i for i in ids if i not in _eos_ids(config)]
+    if not added:
+        return None
+    config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    config.save_pretrained(directory)
+    return (f"generation config: eos_token_id {ids}, with {', '.join(tokenizer.convert_ids_to_tokens(added))} "
+            "added, so that servers stop where the run's replies end")

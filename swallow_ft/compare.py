@@ -9,9 +9,10 @@ merged or exported model, a full fine-tuning checkpoint); a ZeRO-3 full fine-tun
 weights is refused, naming export, which rebuilds them from the shards. Every input (checkpoint, prompts file and rows,
 prompt format) is checked before any weights load.
 With an adapter only one copy of the base is loaded: the base answers with the adapter switched off. A merged or full
-model is a second copy: twice the memory.
-Answers are greedy, up to --max_new_tokens (default: twice the longest reference, in tokens, within 64..1024); one
-that reaches it before the model's end-of-sequence token is marked cut, and its final number never counts as a match.
+model is a second copy, loaded under --dtype auto in the base's dtype (a full fine-tuning checkpoint saves fp32).
+Answers are greedy, up to --max_new_tokens (default: twice the longest reference in the whole prompts file, in tokens,
+within 64..1024, whatever --n is); one that reaches it before the model's end-of-sequence token (or the token closing
+a reply in the prompt format) is marked cut, and its final number never counts as a match.
 Prompts are rendered in the prompt format and with the system prompt that the run recorded in its checkpoint's
 user_data.json (--prompt_format / --system_prompt override them; without a record, the format is chosen from the
 base model's name and the system prompt is the format's default).
@@ -32,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from swallow_ft import metrics
+from swallow_ft.chat_template import stop_token_ids
 from swallow_ft.data.encoding import IGNORE, encode
 from swallow_ft.data.loading import load_raw_datasets, row_name
 from swallow_ft.data.shapes import detect_shape, to_conversation
-from swallow_ft.data.templates import LLAMA3_SPECIALS, Conversation, Turn, choose_format
+from swallow_ft.data.templates import Conversation, PromptFormat, Turn, choose_format
 from swallow_ft.errors import UserError, exit_code_of
 
 
@@ -70,7 +72,7 @@ def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str =
     """The prompts rendered and tokenised; needs only the tokenizer, so bad files and rows fail before weights."""
     from swallow_ft.arguments import DataTrainingArguments
 
-    rows = load_raw_datasets(DataTrainingArguments(train_file=prompts))["train"]
+    rows = load_raw_datasets(DataTrainingArguments(train_file=prompts), train_flag="--prompts")["train"]
     shape = detect_shape(rows.column_names, prompts)
     fmt = choose_format(prompt_format, model_name, tokenizer, shape)
     examples = []
@@ -94,28 +96,18 @@ def default_max_new_tokens(examples: List[Example]) -> int:
     return min(MAX_DEFAULT_NEW_TOKENS, max(MIN_NEW_TOKENS, NEW_TOKENS_PER_REFERENCE_TOKEN * longest))
 
 
-def stop_token_ids(tokenizer, model=None) -> List[int]:
-    """The tokenizer's EOS, Llama-3's <|eot_id|>, and every EOS id in the model's generation_config: generate()'s
-    eos_token_id replaces the config's, and Llama-3.1-style configs list several (128001, 128008, 128009)."""
-    ids = {tokenizer.eos_token_id}
-    eot = tokenizer.convert_tokens_to_ids(LLAMA3_SPECIALS[-1])
-    if eot is not None and eot != tokenizer.unk_token_id:
-        ids.add(eot)
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 def _batches(items, size):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: List[Example], max_new_tokens: int, batch_size: int,
-             desc: str) -> List[Answer]:
-    """Greedy, batched, left-padded (so every row's prompt ends where generation starts)."""
-    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
+def generate(model, tokenizer, examples: List[Example], max_new_tokens: int, batch_size: int, desc: str,
+             fmt: Optional[PromptFormat] = None, system_prompt: Optional[str] = None) -> List[Answer]:
+    """Greedy, batched, left-padded (so every row's prompt ends where generation starts). It stops at every id of
+    stop_token_ids: generate()'s eos_token_id replaces the model's generation_config's."""
+    pad = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None), fmt, system_prompt)
     outputs = []
     for batch in tqdm(list(_batches(examples, batch_size)), desc=desc, unit="batch"):
         width = max(len(e.prompt_ids) for e in batch)
@@ -149,23 +141,13 @@ def reference_loss(model, examples: List[Example], batch_size: int, pad_token_id
     return total / max(count, 1)
 
 
-def trained_prompt(checkpoint: Path) -> Dict[str, Optional[str]]:
-    """{prompt_format, system_prompt} as the run recorded them in the checkpoint's user_data.json (run_clm.py's
-    PreparedData.prompt_settings; export copies the file); {} for checkpoints from before they were recorded."""
-    path = Path(checkpoint) / "user_data.json"
-    if not path.is_file():
-        return {}
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); pass --prompt_format and --system_prompt instead") from exc
-    return {key: recorded[key] for key in ("prompt_format", "system_prompt") if key in recorded}
-
-
 def prompt_settings(checkpoint: Path, prompt_format: Optional[str] = None,
                     system_prompt: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """(prompt format, system prompt) to render with: those given, else the run's, else "auto" and the default."""
-    trained = {} if prompt_format and system_prompt is not None else trained_prompt(checkpoint)
+    """(prompt format, system prompt) to render with: those given, else the run's (run_clm.py records them in the
+    checkpoint's user_data.json), else "auto" and the format's default."""
+    from swallow_ft.export import read_user_data
+
+    trained = {} if prompt_format and system_prompt is not None else read_user_data(checkpoint)
     return (prompt_format or trained.get("prompt_format", "auto"),
             system_prompt if system_prompt is not None else trained.get("system_prompt"))
 
@@ -216,9 +198,10 @@ class SideBySide:
         """(base answers, tuned answers); max_new_tokens None: default_max_new_tokens(examples)."""
         max_new_tokens = max_new_tokens or default_max_new_tokens(examples)
         self.load()
+        settings = (self._format("messages"), self.system_prompt)  # its closing token stops generation too
         with self.as_base():
-            base = generate(self.base_model, self.tokenizer, examples, max_new_tokens, batch_size, "base")
-        tuned = generate(self.tuned_model, self.tokenizer, examples, max_new_tokens, batch_size, "tuned")
+            base = generate(self.base_model, self.tokenizer, examples, max_new_tokens, batch_size, "base", *settings)
+        tuned = generate(self.tuned_model, self.tokenizer, examples, max_new_tokens, batch_size, "tuned", *settings)
         return base, tuned
 
     def losses(self, examples: List[Example], batch_size: int = 8):
@@ -246,12 +229,15 @@ def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tu
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    def load(path):
+    def load(path, dtype):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
 
-    base_model = load(base)
+    base_model = load(base, dtype)
     if adapter is None:
-        return base_model, load(tuned_model_dir), contextlib.nullcontext
+        # "auto" means the base's dtype for both, as export writes: full fine-tuning without DeepSpeed saves fp32
+        # weights of a bf16 base, which would take twice the memory and compare two precisions.
+        tuned_model = load(tuned_model_dir, base_model.dtype if dtype == "auto" else dtype)
+        return base_model, tuned_model, contextlib.nullcontext
     from swallow_ft.export import write_adapter
 
     # Written out only for peft's loader, which reads it into memory: nothing is left in /tmp.
@@ -264,13 +250,11 @@ def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tu
 def _tuned_weights(tuned: str, checkpoint: Path, storage: Optional[str]) -> Tuple[Optional[tuple], Optional[str]]:
     """((adapter config, state), None) for a LoRA checkpoint; (None, directory) for whole model weights (merged,
     exported or fully fine-tuned). Reads no model weights: only the tensor shapes in the safetensors headers."""
-    from swallow_ft.export import empty_tensors, load_adapter
+    from swallow_ft.export import has_whole_weights, load_adapter
 
     if (checkpoint / "adapter_config.json").is_file():
-        return load_adapter(checkpoint), None  # also rebuilds ZeRO-3 adapters that were saved empty
-    safetensors = list(checkpoint.glob("*.safetensors"))
-    if (checkpoint / "config.json").is_file() and (list(checkpoint.glob("pytorch_model*.bin")) or safetensors and
-                                                   not any(empty_tensors(p) for p in safetensors)):
+        return load_adapter(checkpoint)[:2], None  # also rebuilds ZeRO-3 adapters that were saved empty
+    if has_whole_weights(checkpoint):
         return None, str(checkpoint)
     # ZeRO-3 saves a full model's tensors with size 0 unless gathered. Export rebuilds them from the shards on the
     # CPU in fp32 (~280 GB of memory for 70B): a job to do once, not at every comparison.
@@ -283,11 +267,15 @@ def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optio
             system_prompt: Optional[str] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
             limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
             models: Optional[SideBySide] = None, storage: Optional[str] = None) -> Dict:
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens {max_new_tokens}: must be at least 1 (leave it out for the default)")
+    for flag, value, default in (("--max_new_tokens", max_new_tokens, "for the default"),
+                                 ("--batch_size", batch_size, "for 8"), ("--n", limit, "to compare every prompt")):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1 (leave it out {default})")
     models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map, storage)
-    examples = models.examples(prompts, limit)  # before models.answers() loads the weights
+    examples = models.examples(prompts)  # every row, checked before models.answers() loads the weights
+    # The default from every reference in the file (tokens only, cheap): --n 3 and a full run cut answers alike.
     max_new_tokens = max_new_tokens or default_max_new_tokens(examples)
+    examples = examples[:limit]
     answers = dict(zip(("base", "tuned"), models.answers(examples, max_new_tokens, batch_size)))
     losses = dict(zip(("base", "tuned"), models.losses(examples, batch_size)))
     rows = [{"index": e.index, "prompt": e.question, "reference": e.reference,
@@ -374,7 +362,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt_format", help="default: the run's (from its checkpoint), else auto")
     parser.add_argument("--system_prompt", help="default: the run's (from its checkpoint), else the format's")
     parser.add_argument("--max_new_tokens", type=int,
-                        help="default: twice the longest reference (in tokens), within 64..1024")
+                        help="default: twice the longest reference in the prompts file (in tokens), within 64..1024")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--n", type=int, help="only the first N prompts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

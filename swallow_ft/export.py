@@ -39,10 +39,8 @@ REBUILD_FIX = "re-save with ds_configs/ds_config_stage_3.json"
 # ----- where the checkpoint is ------------------------------------------------------------------
 def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir: Optional[Path] = None,
                        flag: str = "") -> Path:
-    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster).
-
-    flag: the option SOURCE came from (compare's --tuned), so that errors name what the user typed.
-    """
+    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster). flag: the
+    option SOURCE came from (compare's --tuned), so that errors name what the user typed."""
     named = f"{flag} {source}" if flag else source
     if storage:
         path = Path(storage).expanduser() / source
@@ -116,6 +114,14 @@ def empty_tensors(path: Path) -> list:
         return [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
 
 
+def has_whole_weights(ckpt: Path) -> bool:
+    """Whether CKPT holds a whole model for from_pretrained: config.json and weights (not an adapter's) of which
+    none has size 0 (ZeRO-3's empty save). Reads only the safetensors headers."""
+    weights = [p for p in Path(ckpt).glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
+    bins = list(Path(ckpt).glob("pytorch_model*.bin"))
+    return (Path(ckpt) / "config.json").is_file() and bool(weights or bins) and not any(map(empty_tensors, weights))
+
+
 def _zero_tag(ckpt_dir: Path) -> Optional[str]:
     """The global_stepN folder holding per-rank ZeRO shards, `latest`'s first (DeepSpeed's own pointer)."""
     latest = ckpt_dir / "latest"
@@ -137,11 +143,9 @@ def _consolidate(ckpt_dir: Path, tag: str, trainable_only: bool) -> dict:
 
 
 def _saved_adapter_key(name: str, adapter_name: str = "default") -> str:
-    """Module name -> peft's saved key: `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`.
-
-    The same rule as peft's own save (the adapter name is removed as the second-to-last part, or the last
-    part for bare parameters), so the rebuilt state dict loads exactly like a normally saved adapter.
-    """
+    """Module name -> peft's saved key: `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`. The same
+    rule as peft's own save (the adapter name is removed as the second-to-last part, or the last part for bare
+    parameters), so the rebuilt state dict loads exactly like a normally saved adapter."""
     if name.endswith(f".{adapter_name}"):
         return name[:-len(adapter_name) - 1]
     head, _, suffix = name.rpartition(".")
@@ -149,13 +153,9 @@ def _saved_adapter_key(name: str, adapter_name: str = "default") -> str:
 
 
 def load_adapter(ckpt_dir: Path) -> tuple:
-    """(adapter config, adapter state dict with peft's saved keys), rebuilt from ZeRO-3 shards if empty."""
-    config, state, _ = _read_adapter(Path(ckpt_dir))
-    return config, state
-
-
-def _read_adapter(ckpt_dir: Path) -> tuple:
-    """load_adapter's result plus where the tensors came from, for export's report."""
+    """(adapter config, adapter state dict with peft's saved keys, how it was rebuilt for the report: "" when the
+    saved tensors were whole), rebuilt from ZeRO-3 shards if they were saved empty."""
+    ckpt_dir = Path(ckpt_dir)
     config_path, weights = ckpt_dir / "adapter_config.json", ckpt_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights}: missing; the checkpoint has {config_path.name} but no adapter weights")
@@ -184,10 +184,8 @@ def _read_adapter(ckpt_dir: Path) -> tuple:
 
 # ----- building the model -----------------------------------------------------------------------
 def resolve_base(name: str, flag: str = "") -> str:
-    """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged.
-
-    flag: the option NAME came from (compare's --base); without one NAME may be adapter_config.json's.
-    """
+    """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged. flag: the option
+    NAME came from (compare's --base); without one NAME may be adapter_config.json's."""
     for candidate in (Path(name).expanduser(), REPO / name) if name else ():
         if candidate.is_dir():
             return str(candidate)
@@ -259,9 +257,7 @@ def _full_model(ckpt_dir: Path, dtype):
     """A fully fine-tuned checkpoint's model: its saved weights, or the ZeRO shards when those are empty."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weights = [p for p in ckpt_dir.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
-    empty = any(empty_tensors(p) for p in weights)
-    if (weights or list(ckpt_dir.glob("pytorch_model*.bin"))) and not empty:
+    if has_whole_weights(ckpt_dir):
         with _no_zero3_init():
             return AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype), "saved weights"
     tag = _zero_tag(ckpt_dir)
@@ -280,54 +276,56 @@ def _full_model(ckpt_dir: Path, dtype):
 
 
 # ----- writing ----------------------------------------------------------------------------------
-def _user_data(ckpt: Path) -> dict:
-    """The run's user_data.json in the checkpoint (finetuned_from, prompt_format, system_prompt); {} if none."""
-    path = ckpt / "user_data.json"
+def read_user_data(ckpt: Path) -> dict:
+    """The run's user_data.json in a checkpoint or exported model (run_clm.py's finetuned_from, dataset,
+    prompt_format, system_prompt; export copies it); {} if there is none (checkpoints from before it was written)."""
+    path = Path(ckpt) / "user_data.json"
     if not path.is_file():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); restore it, or remove it and pass --dtype DTYPE") from exc
+    except ValueError as exc:  # every checkpoint of a run holds the same file
+        raise UserError(f"{path}: not valid JSON ({exc}); restore it, e.g. from another checkpoint of the same "
+                        "run: it records the base model and the prompt format the run trained with") from exc
 
 
-def _full_base(ckpt: Path, base, dtype: Optional[str]) -> Optional[str]:
-    """The base a fully fine-tuned checkpoint started from: --base, else user_data.json's finetuned_from; None
-    with --dtype and no --base, as then it is not needed."""
-    if dtype and not base:
-        return None
-    name = base or _user_data(ckpt).get("finetuned_from")
-    if not name:
-        raise UserError(f"{ckpt}: no user_data.json naming the base model (finetuned_from), whose dtype export "
-                        "keeps; pass --base MODEL or --dtype DTYPE")
-    return resolve_base(name, flag="--base" if base else "")
+def _base_and_dtype(ckpt: Path, base, adapter_only: bool, dtype: Optional[str]) -> tuple:
+    """(the resolved base or None, the dtype to write or None, why): from the configs alone, before any weights."""
+    adapter_config = ckpt / "adapter_config.json"
+    if adapter_config.is_file():
+        recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base_name = resolve_base(base or recorded or "")
+        if adapter_only:  # written as trained: LoRA weights are small and kept in fp32 by peft, so no --dtype
+            return base_name, None, ""
+    elif adapter_only:
+        raise UserError(f"{ckpt}: no adapter here (a full fine-tuning checkpoint); drop --adapter-only")
+    else:  # the base a full fine-tuning started from, whose dtype export keeps: not needed with --dtype alone
+        name = base or (None if dtype else read_user_data(ckpt).get("finetuned_from"))
+        if not (name or dtype):
+            raise UserError(f"{ckpt}: no user_data.json naming the base model (finetuned_from), whose dtype export "
+                            "keeps; pass --base MODEL or --dtype DTYPE")
+        base_name = name and resolve_base(name, flag="--base" if base else "")
+    # The base's dtype, not the checkpoint's: without DeepSpeed full fine-tuning trains (and saves) fp32 weights
+    # whatever the base's dtype (model.resolve_dtype), which would double a bf16 model's size.
+    return (base_name, *_dtype_for(base_name, "the base's", dtype))
 
 
-def _write_weights(ckpt: Path, model_dir: Path, base, adapter_only: bool, dtype: Optional[str]) -> tuple:
-    """Write the model (or adapter) weights and config; returns (what was done, the resolved base or None)."""
+def _write_weights(ckpt: Path, model_dir: Path, base_name, adapter_only: bool, dtype, why: str) -> str:
+    """Write the model (or adapter) weights and config; returns what was done, for the report."""
     if not (ckpt / "adapter_config.json").is_file():
-        if adapter_only:
-            raise UserError(f"{ckpt}: no adapter here (a full fine-tuning checkpoint); drop --adapter-only")
-        base_name = _full_base(ckpt, base, dtype)
-        # The base's dtype, not the checkpoint's: without DeepSpeed full fine-tuning trains (and saves) fp32
-        # weights whatever the base's dtype (model.resolve_dtype), which would double a bf16 model's size.
-        dtype, why = _dtype_for(base_name, "the base's", dtype)
         model, how = _full_model(ckpt, DTYPES[dtype])
         model.save_pretrained(model_dir)
-        return f"fully fine-tuned model from {how}, {dtype} ({why})", base_name
-    config, state, rebuilt = _read_adapter(ckpt)
-    base_name = resolve_base(base or config.get("base_model_name_or_path") or "")
+        return f"fully fine-tuned model from {how}, {dtype} ({why})"
+    config, state, rebuilt = load_adapter(ckpt)
     lora = f"adapter of r={config.get('r')}, alpha={config.get('lora_alpha')}{rebuilt}"
     if not adapter_only:
-        dtype, why = _dtype_for(base_name, "the base's", dtype)
         merge(base_name, config, state, dtype).save_pretrained(model_dir)
-        return f"merged {lora} into {base_name}, {dtype} ({why})", base_name
-    # Written as trained: LoRA weights are small and kept in fp32 by peft, so --dtype is not applied.
+        return f"merged {lora} into {base_name}, {dtype} ({why})"
     # A local base is recorded by its absolute path: a relative one would only load from the directory it is
     # relative to. Hub ids stay as they are.
     recorded = str(Path(base_name).resolve()) if Path(base_name).is_dir() else base_name
     write_adapter(model_dir, {**config, "base_model_name_or_path": recorded}, state)
-    return f"{lora} only, for base {base_name}", base_name
+    return f"{lora} only, for base {base_name}"
 
 
 def write_adapter(directory: Path, adapter_config: dict, adapter_state: dict) -> Path:
@@ -342,12 +340,11 @@ def write_adapter(directory: Path, adapter_config: dict, adapter_state: dict) ->
 
 def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage=None) -> Path:
     """Write SOURCE as a model directory at OUT that loads with AutoModelForCausalLM.from_pretrained.
-
-    dtype: None writes the weights in the base model's own dtype (see _dtype_for).
-    """
+    dtype: None writes the weights in the base model's own dtype (see _dtype_for)."""
     from transformers import AutoTokenizer
 
-    from swallow_ft.chat_template import save_tokenizer  # here: it imports swallow_ft.data, and with it datasets
+    # Imported here: chat_template imports swallow_ft.data, and with it datasets.
+    from swallow_ft.chat_template import save_stop_tokens, save_tokenizer
 
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -360,13 +357,17 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
     try:
         ckpt = resolve_checkpoint(str(source), storage, download_dir=staging / "download")
         model_dir = staging / "model"
-        what, base_name = _write_weights(ckpt, model_dir, base, adapter_only, dtype)
+        base_name, dtype, why = _base_and_dtype(ckpt, base, adapter_only, dtype)
         # The checkpoint's tokenizer carries the pad token the run trained with; its chat template is replaced by
-        # the run's prompt format, so that servers prompt the model with the tokens it was trained on.
+        # the run's prompt format, so that servers prompt the model with the tokens it was trained on. Before the
+        # weights: a problem with it then costs seconds, not a 70B merge.
         tokenizer_from = ckpt if (ckpt / "tokenizer_config.json").is_file() else base_name
         if tokenizer_from is None:
             raise UserError(f"{ckpt}: no tokenizer saved in the checkpoint; pass --base MODEL to take it from")
-        template = save_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_from)), model_dir, _user_data(ckpt))
+        settings = read_user_data(ckpt)
+        template = save_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_from)), model_dir, settings)
+        what = _write_weights(ckpt, model_dir, base_name, adapter_only, dtype, why)
+        stops = save_stop_tokens(AutoTokenizer.from_pretrained(model_dir), model_dir, settings)
         if (ckpt / "user_data.json").is_file():  # the run's data and prompt settings: compare reads them here too
             shutil.copy2(ckpt / "user_data.json", model_dir / "user_data.json")
         if out.exists():
@@ -375,7 +376,7 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}: {what} (checkpoint {ckpt})", flush=True)
-    print(template, flush=True)
+    print("\n".join(line for line in (template, stops) if line), flush=True)
     return out
 
 

@@ -1,6 +1,7 @@
 """compare: both models answer in the run's own prompt format; report files, scores and losses are consistent."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,13 +10,14 @@ import pytest
 import torch
 from conftest import REPO, run_clm
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swallow_ft.arguments import DataTrainingArguments
 from swallow_ft.compare import Example, SideBySide, compare, default_max_new_tokens, main, prompt_settings
 from swallow_ft.data.loading import encode_example, load_raw_datasets
 from swallow_ft.data.templates import FORMATS
-from swallow_ft.export import resolve_checkpoint
+from swallow_ft.errors import UserError
+from swallow_ft.export import export, has_whole_weights, resolve_checkpoint
 
 PROMPTS = str(REPO / "data/eval_prompts_ja.jsonl")
 # Not local_tiny.yaml's swallow-instruct-v0.1 with its default system prompt, which compare used to assume.
@@ -33,12 +35,16 @@ def trained_run(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tiny_model, tmp_path_factory):
-    """Full fine-tuning (no LoRA): the checkpoint holds the whole model."""
+    """(run dir, base): full fine-tuning (no LoRA, no DeepSpeed) of a bfloat16 base, as Swallow's are: the checkpoint
+    holds the whole model, in the fp32 it trained in."""
+    base = tmp_path_factory.mktemp("bf16-base")
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
     runs = tmp_path_factory.mktemp("runs_full")
     result = run_clm("--config", "experiments/local_tiny.yaml", "--runs_dir", runs, "--max_steps", 10,
-                     "--eval_steps", 10, "--save_steps", 10, "--use_lora", "false")
+                     "--eval_steps", 10, "--save_steps", 10, "--use_lora", "false", "--model_name_or_path", base)
     assert result.returncode == 0, result.stderr[-3000:]
-    return runs / "local_tiny"
+    return runs / "local_tiny", base
 
 
 def no_weights(*args, **kwargs):
@@ -93,6 +99,14 @@ def test_compare_writes_a_report_where_fine_tuning_shows(trained_run, tiny_model
     assert (f"| model | char F1 | ROUGE-L (chars) | final-number match | cut at {summary['max_new_tokens']} tokens "
             "| loss | perplexity |") in report
     assert "53 と 50 の和を求めなさい。" in report and f"prompt format: `{FORMAT}`" in report
+
+
+def test_the_default_max_new_tokens_is_the_whole_files_whatever_n_is(trained_run, tiny_model, tmp_path):
+    models = SideBySide(str(tiny_model), str(trained_run))
+    every, first = (default_max_new_tokens(models.examples(PROMPTS, limit)) for limit in (None, 2))
+    assert (every, first) == (74, 64)  # the file's longest references come after its first two
+    summary = compare(str(tiny_model), str(trained_run), PROMPTS, tmp_path, limit=2, models=models)
+    assert summary["n"] == 2 and summary["max_new_tokens"] == every
 
 
 def test_answers_cut_at_max_new_tokens_are_marked_and_never_a_number_match(trained_run, tiny_model, tmp_path):
@@ -158,17 +172,37 @@ def test_the_reference_loss_is_on_the_last_reply_of_a_conversation(prompt_format
     assert len(scored) == sum(label != -100 for label in models.examples(str(tmp_path / "single.jsonl"))[0].labels)
 
 
-def test_a_full_fine_tuning_run_is_compared_as_a_second_model(full_run, tiny_model, tmp_path):
-    summary = compare(str(tiny_model), str(full_run), PROMPTS, tmp_path, max_new_tokens=8, limit=2)
+def test_a_full_fine_tuning_run_is_compared_as_a_second_model_in_the_base_dtype(full_run, tmp_path):
+    run_dir, base = full_run
+    summary = compare(str(base), str(run_dir), PROMPTS, tmp_path, max_new_tokens=8, limit=2)
     assert summary["n"] == 2 and summary["tuned"]["loss"] < summary["base"]["loss"]
+    # The checkpoint holds fp32 weights; under --dtype auto the tuned model loads as the base does, in bf16 (as
+    # export writes it), not in twice the memory and another precision. An explicit --dtype applies to both.
+    assert json.loads((resolve_checkpoint(str(run_dir)) / "config.json").read_text())["dtype"] == "float32"
+    models = SideBySide(str(base), str(run_dir)).load()
+    assert models.base_model.dtype == models.tuned_model.dtype == torch.bfloat16
+    models = SideBySide(str(base), str(run_dir), dtype="float32").load()
+    assert models.base_model.dtype == models.tuned_model.dtype == torch.float32
+
+
+def test_whole_weights_are_told_from_empty_ones_and_from_an_adapter(full_run, trained_run, tmp_path):
+    checkpoint = shutil.copytree(resolve_checkpoint(str(full_run[0])), tmp_path / "checkpoint-10")
+    assert has_whole_weights(checkpoint) and not has_whole_weights(resolve_checkpoint(str(trained_run)))
+    # An adapter's weights beside a model's config.json are not a model.
+    adapter = shutil.copytree(resolve_checkpoint(str(trained_run)), tmp_path / "adapter")
+    shutil.copy2(checkpoint / "config.json", adapter / "config.json")
+    assert not has_whole_weights(adapter)
+    saved = load_file(checkpoint / "model.safetensors")
+    save_file({k: torch.empty(0, dtype=v.dtype) for k, v in saved.items()}, checkpoint / "model.safetensors")
+    assert not has_whole_weights(checkpoint)
 
 
 def test_a_full_checkpoint_that_zero3_saved_empty_names_export(full_run, tiny_model, tmp_path, capsys, monkeypatch):
-    checkpoint = shutil.copytree(resolve_checkpoint(str(full_run)), tmp_path / "checkpoint-10")
+    checkpoint = shutil.copytree(resolve_checkpoint(str(full_run[0])), tmp_path / "checkpoint-10")
     saved = load_file(checkpoint / "model.safetensors")
     save_file({k: torch.empty(0, dtype=v.dtype) for k, v in saved.items()}, checkpoint / "model.safetensors")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
-    assert main(["--base", str(tiny_model), "--tuned", str(checkpoint), "--prompts", PROMPTS]) == 2
+    assert main(["--base", str(full_run[1]), "--tuned", str(checkpoint), "--prompts", PROMPTS]) == 2
     assert capsys.readouterr().err.endswith(
         f"error: --tuned {checkpoint}: {checkpoint} holds no LoRA adapter and no whole model weights (ZeRO-3 saves "
         f"them empty); write them with python -m swallow_ft.export {checkpoint} --out DIR and pass --tuned DIR\n")
@@ -226,8 +260,13 @@ BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 1
      "with --storage DIR"),
     (["--storage", "{tmp}"], {}, "{tmp}/{uuid}: no such checkpoint in --storage {tmp} (its subdirectories are UUIDs)"),
     (["--max_new_tokens", "0"], {}, "--max_new_tokens 0: must be at least 1 (leave it out for the default)"),
+    (["--n", "0"], {}, "--n 0: must be at least 1 (leave it out to compare every prompt)"),
+    (["--n", "-1"], {}, "--n -1: must be at least 1 (leave it out to compare every prompt)"),
+    (["--batch_size", "0"], {}, "--batch_size 0: must be at least 1 (leave it out for 8)"),
+    (["--prompts", "{tmp}/empty.jsonl"], {"empty.jsonl": "\n"},
+     "{tmp}/empty.jsonl: no rows: add examples to it or point --prompts at another file"),
 ], ids=["missing-prompts", "text-rows", "bad-row", "unknown-format", "base-typo", "tuned-typo", "wrong-storage",
-        "no-new-tokens"])
+        "no-new-tokens", "no-prompts", "negative-prompts", "no-batch", "empty-prompts"])
 def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error, trained_run, tiny_model, tmp_path,
                                                                capsys, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
@@ -242,3 +281,19 @@ def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error
     err = capsys.readouterr().err  # after any progress bars of the datasets library
     assert f"\n{err}".endswith(f"\nerror: {error.format(tmp=tmp_path, uuid=uuid)}\n")
     assert err.count("error:") == 1
+
+
+def test_a_broken_user_data_json_is_one_line_naming_the_fix_in_compare_and_export(trained_run, tiny_model, tmp_path,
+                                                                                 capsys, monkeypatch):
+    checkpoint = shutil.copytree(resolve_checkpoint(str(trained_run)), tmp_path / "checkpoint-80")
+    (checkpoint / "user_data.json").write_text('{"prompt_format": "chat_template",', encoding="utf-8")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert main(["--base", str(tiny_model), "--tuned", str(checkpoint), "--prompts", PROMPTS]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(checkpoint))}/user_data\.json: not valid JSON \(.+\); restore it, "
+                        r"e\.g\. from another checkpoint of the same run: it records the base model and the prompt "
+                        r"format the run trained with", error), error
+    # export says the same, and before it merges any weights (a LoRA export needs no --dtype).
+    with pytest.raises(UserError) as caught:
+        export(checkpoint, tmp_path / "model")
+    assert f"error: {caught.value}" == error

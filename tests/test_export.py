@@ -109,6 +109,8 @@ def test_merged_model_computes_base_plus_adapter(run, request, tiny_model, tmp_p
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32 and not any("lora" in k for k in merged.state_dict())
+    # The run's replies end with </s>, the base's only end of sequence: nothing is added to its generation config.
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id == 2
 
     reference = base_plus_adapter(tiny_model, ckpt)
     merged_logits, merged_ids = forward_and_generate(merged, tokenizer)
@@ -187,9 +189,9 @@ def test_empty_adapter_with_zero3_shards_is_rebuilt_from_them(zero3_run, tiny_mo
     with safe_open(str(empty / "adapter_model.safetensors"), framework="pt") as f:
         assert all(f.get_slice(k).get_shape() == [0] for k in f.keys())
 
-    config, rebuilt = load_adapter(empty)
-    good_config, saved = load_adapter(good)
-    assert config == good_config and rebuilt.keys() == saved.keys()
+    config, rebuilt, how = load_adapter(empty)
+    good_config, saved, _ = load_adapter(good)
+    assert config == good_config and rebuilt.keys() == saved.keys() and how.startswith(" rebuilt from ZeRO-3 shards")
     assert all(rebuilt[k].dtype == saved[k].dtype and torch.equal(rebuilt[k], saved[k]) for k in saved)
 
     out = export(empty, tmp_path / "merged", dtype="float32")
@@ -248,6 +250,16 @@ def test_full_fine_tuning_exports_in_the_base_dtype_not_the_fp32_it_trained_in(b
         assert str(caught.value).endswith(("pass --base MODEL, the base the checkpoint was trained from",
                                            "; pass --dtype"))
     assert not (tmp_path / "refused").exists()
+
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def no_weights(*args, **kwargs):
+    raise AssertionError("weights loaded before the inputs were checked")
 
 
 # Generation prompts: single- and multi-turn, with and without a system message of their own, one with whitespace.
@@ -321,6 +333,42 @@ def test_export_says_in_one_line_when_the_chat_template_cannot_give_the_training
         "add_generation_prompt=True: token 1 is '[' where training has '▁['); prompt this model with ids rendered "
         "by swallow_ft.data.templates, as compare does"]
     assert (out / "tokenizer_config.json").is_file()
+
+
+def test_a_template_without_a_system_role_is_checked_on_the_samples_it_renders(lora_run, tmp_path, capsys):
+    # Mistral- and Gemma-style templates raise on a system message; the run trained in this one without a system
+    # prompt. Export checks the samples the template renders instead of failing with a traceback after the merge.
+    source = as_recorded(resolve_checkpoint(str(lora_run)), tmp_path / "checkpoint-10", "chat_template", None)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(source)
+    out = export(source, tmp_path / "model", dtype="float32")
+    assert "chat template: the run's chat_template format with no default system prompt; apply_chat_template " \
+           "gives training's token ids (checked on 6 sample prompts)" in capsys.readouterr().out
+    assert AutoTokenizer.from_pretrained(out).chat_template == NO_SYSTEM_TEMPLATE
+
+
+def test_the_tokenizer_is_checked_before_any_weights_load(bf16_full_run, tmp_path, monkeypatch):
+    run_dir, _ = bf16_full_run
+    checkpoint = shutil.copytree(resolve_checkpoint(str(run_dir)), tmp_path / "checkpoint-10",
+                                 ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja", "optimizer.pt"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(UserError, match=f"^{re.escape(str(checkpoint))}: no tokenizer saved in the checkpoint; "
+                                        "pass --base MODEL to take it from$"):
+        export(checkpoint, tmp_path / "model", dtype="bfloat16")
+
+
+def test_generation_stops_at_the_token_that_ends_the_runs_replies(lora_run, tmp_path, capsys):
+    # A Llama-3 vocabulary trained in the llama3 format: replies end with <|eot_id|>, which the base's
+    # generation_config.json (eos_token_id </s>, as Llama-3's lists only <|end_of_text|>) does not list.
+    source = as_recorded(resolve_checkpoint(str(lora_run)), tmp_path / "checkpoint-10", "llama3", None, "llama3")
+    out = export(source, tmp_path / "model", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot not in (tokenizer.unk_token_id, None)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_token_id, eot]
+    assert f"generation config: eos_token_id [2, {eot}], with <|eot_id|> added, so that servers stop where the " \
+           "run's replies end" in capsys.readouterr().out
 
 
 def test_cli_exports_a_run_directory_in_the_base_dtype(lora_run, tiny_model, tmp_path):

@@ -62,12 +62,15 @@ def builder_for(path: str) -> str:
     return LOCAL_FORMATS[suffix]
 
 
-def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None) -> DatasetDict:
+def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None,
+                      train_flag: str = "--train_file") -> DatasetDict:
+    """train_flag: the option the train file came from, for messages (compare's --prompts)."""
     if data_args.dataset_name:
         return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     files = {"train": data_args.train_file}
     if data_args.validation_file:
         files["validation"] = data_args.validation_file
+    flags = {"train": train_flag, "validation": "--validation_file"}
     builders = {builder_for(f) for f in files.values()}
     if len(builders) > 1:
         raise UserError(f"--train_file and --validation_file must have the same type, got {sorted(builders)}")
@@ -77,27 +80,27 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None) -> Datas
         # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
         # naming neither the file nor the line; the files are read again here, only once it has failed.
         for split, path in files.items():
-            problem = _file_problem(path, split)
+            problem = _file_problem(path, flags[split])
             if problem:
                 raise UserError(problem) from None
         raise
     for split, ds in raw.items():
         if len(ds) == 0:
-            raise UserError(_no_rows(files[split], split))
+            raise UserError(_no_rows(files[split], flags[split]))
     return raw
 
 
-def _no_rows(path: str, split: str) -> str:
-    return f"{path}: no rows: add examples to it or point --{split}_file at another file"
+def _no_rows(path: str, flag: str) -> str:
+    return f"{path}: no rows: add examples to it or point {flag} at another file"
 
 
-def _file_problem(path: str, split: str) -> Optional[str]:
+def _file_problem(path: str, flag: str) -> Optional[str]:
     """Why a local file cannot be read as rows, naming the line where there is one; None if nothing is found."""
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             rows = sum(1 for _, row in zip(range(2), csv.reader(f)) if row)
-        return _no_rows(path, split) if rows < 2 else None  # the first row is the header
+        return _no_rows(path, flag) if rows < 2 else None  # the first row is the header
     if suffix == ".parquet":
         import pyarrow.parquet
 
@@ -105,7 +108,7 @@ def _file_problem(path: str, split: str) -> Optional[str]:
             empty = pyarrow.parquet.read_metadata(path).num_rows == 0
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
             return f"{path}: not a readable Parquet file ({' '.join(str(exc).split())}): write it again"
-        return _no_rows(path, split) if empty else None
+        return _no_rows(path, flag) if empty else None
     rows = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
@@ -115,25 +118,25 @@ def _file_problem(path: str, split: str) -> Optional[str]:
                 row = json.loads(line)
             except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
                 if rows == 0 and suffix == ".json":
-                    return _json_document_problem(path, split)  # a .json file may be one (pretty-printed) document
+                    return _json_document_problem(path, flag)  # a .json file may be one (pretty-printed) document
                 return f"{path} line {number}: not valid JSON ({getattr(exc, 'msg', exc)}): fix or remove the line"
             if rows == 0 and suffix == ".json" and not isinstance(row, dict):
-                return _json_document_problem(path, split)
+                return _json_document_problem(path, flag)
             if not isinstance(row, dict):
                 return (f"{path} line {number}: a JSON {type(row).__name__}, not an object: each line must be one "
                         "row {...}: fix or remove the line")
             rows += 1
-    return None if rows else _no_rows(path, split)
+    return None if rows else _no_rows(path, flag)
 
 
-def _json_document_problem(path: str, split: str) -> Optional[str]:
+def _json_document_problem(path: str, flag: str) -> Optional[str]:
     try:
         document = json.loads(Path(path).read_bytes())
     except UnicodeDecodeError as exc:
         return f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8"
     except ValueError as exc:
         return f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}): fix it"
-    return _no_rows(path, split) if document == [] else None
+    return _no_rows(path, flag) if document == [] else None
 
 
 def source_name(data_args: DataTrainingArguments, split: str) -> str:
