@@ -13,10 +13,12 @@ ARGS = ["--config", "experiments/local_tiny_ds3.yaml", "--max_steps", 30, "--sav
 
 
 def test_zero3_ranks_preempt_together_and_resume_into_one_sharded_checkpoint(tiny_model, tmp_path):
+    """With activation checkpointing, as swallow_70b_ds3.yaml trains: ZeRO-3, LoRA and recomputation together."""
+    args = ARGS + ["--activation_checkpointing"]
     run_dir = tmp_path / "local_tiny_ds3"
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "run_clm.py", *map(str, ARGS), "--runs_dir", str(tmp_path)],
+        proc = subprocess.Popen([sys.executable, "run_clm.py", *map(str, args), "--runs_dir", str(tmp_path)],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not registered_steps(run_dir):
@@ -29,7 +31,7 @@ def test_zero3_ranks_preempt_together_and_resume_into_one_sharded_checkpoint(tin
     stopped = int(re.search(r"Preempted at step (\d+)", first).group(1))
     assert 10 <= stopped < 30 and max(registered_steps(run_dir).values()) == stopped
 
-    result = run_clm(*ARGS, "--runs_dir", tmp_path)
+    result = run_clm(*args, "--runs_dir", tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert f"checkpoint-{stopped})" in result.stderr  # both ranks resumed from the preemption checkpoint
     # ZeRO-3 does not cast zero.Init models: the adapters are created in bf16, so peft casts no input to fp32.
