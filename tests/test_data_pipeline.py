@@ -146,6 +146,21 @@ def test_bad_rows_stop_with_the_line_or_are_skipped_and_counted(tokenizer, tmp_p
     assert "skipped 1 bad rows" in caplog.text
 
 
+def test_row_names_count_every_blank_line_before_the_row(tmp_path):
+    """row_name runs once per row: it bisects the blank lines. Checked against reading the file line by line."""
+    import random
+
+    from swallow_ft.data.loading import row_name
+
+    rng = random.Random(0)
+    lines = [rng.choice(["", "  ", '{"text": "x"}', '{"text": "y"}']) for _ in range(300)]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    row_lines = [number for number, line in enumerate(lines, 1) if line.strip()]
+    assert [row_name(str(path), index) for index in range(len(row_lines))] == [
+        f"{path} line {number}" for number in row_lines]
+
+
 def test_bad_rows_are_named_by_file_line_past_blank_lines_and_by_0_based_row_elsewhere(tokenizer, tmp_path):
     jsonl = tmp_path / "gaps.jsonl"  # the JSON reader skips blank lines, so row 2 is on line 5
     jsonl.write_text("\n".join([json.dumps(chat(0)), "", json.dumps(chat(1)), "   ", json.dumps(chat(2, "user"))]))
