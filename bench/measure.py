@@ -82,16 +82,30 @@ class StepProfiler(TrainerCallback):
         self._prof = None
 
 
-def matmul_ceiling():
-    """FLOP/s of one big matmul: 8192^3 bf16 on GPU, 1024^3 fp32 on CPU."""
-    n, dtype, dev, iters = (8192, torch.bfloat16, "cuda", 20) if CUDA else (1024, torch.float32, "cpu", 10)
+def matmul_ceiling(warmup_s=0.5, iters=100, repeats=3):
+    """FLOP/s of one big matmul: 8192^3 bf16 on GPU (products for at least warmup_s first, so that clocks and cuBLAS
+    settle, then the best of `repeats` timings of `iters` products), 1024^3 fp32 on CPU (3 warm-up, 10 timed: a quick
+    sanity number)."""
+    if not CUDA:
+        warmup_s, iters, repeats = 0.0, 10, 1
+    n, dtype, dev = (8192, torch.bfloat16, "cuda") if CUDA else (1024, torch.float32, "cpu")
     a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
-    [a @ b for _ in range(3)]  # warm-up
+    c = torch.empty(n, n, dtype=dtype, device=dev)  # one output, reused: no allocation inside the timed loop
+    for _ in range(3):
+        torch.matmul(a, b, out=c)
     sync()
     t0 = time.perf_counter()
-    products = [a @ b for _ in range(iters)]
-    sync()
-    seconds = time.perf_counter() - t0
-    del a, b, products
-    free_gpu()  # 2.7 GiB the allocator would otherwise keep from the recipes
-    return 2 * n ** 3 * iters / seconds
+    while time.perf_counter() - t0 < warmup_s:
+        for _ in range(10):
+            torch.matmul(a, b, out=c)
+        sync()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.matmul(a, b, out=c)
+        sync()
+        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
+    del a, b, c
+    free_gpu()  # what the allocator would otherwise keep from the recipes
+    return best

@@ -21,8 +21,9 @@ CUDA = torch.cuda.is_available()
 # name -> settings; "auto" is decided per shape and device in resolve(). Add a recipe by adding an entry, or
 # combine one with MODIFIERS on the command line: --recipes default,default+flex+liger,padded.
 RECIPES = {
-    # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing.
-    "seed": dict(precision="fp16", deepspeed="ds_configs/ds_config_stage_3_fp16.json", micro_batch=1, seq=1024,
+    # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing. Its DeepSpeed config
+    # (bench/ds_config_seed.json) is the reference's: explicit ZeRO-3 buckets, DeepSpeed's AdamW and WarmupLR.
+    "seed": dict(precision="fp16", deepspeed="bench/ds_config_seed.json", micro_batch=1, seq=1024,
                  lora_r=8, lora_targets="q_proj,v_proj", lora_dropout=0.05, packing=False, checkpointing=False,
                  attn="sdpa", liger=False, compile=False, peft_casts=False, fused_lora=False, host_reads=False, env={}),
     # This project's defaults: bf16, packing, LoRA r16 on all linears without dropout, --attn_implementation auto;
@@ -59,6 +60,8 @@ MODIFIERS = {
     "hostreads": dict(host_reads=True),
 }
 SIZED_MODIFIER = re.compile(r"(mb|seq|r)(\d+)$")  # mb4: micro-batch 4, seq4096: tokens per row, r8: LoRA rank
+SEED_DS_CONFIG = "bench/ds_config_seed.json"
+# fp16-only configs and their bf16 twins for CPU; bench/ds_config_seed.json has an "auto" bf16 section and needs none
 CPU_DS_CONFIG = {"ds_configs/ds_config_stage_3_fp16.json": "ds_configs/ds_config_stage_3.json"}
 
 
@@ -89,6 +92,18 @@ def planning_gib():
     return torch.cuda.get_device_properties(0).total_memory / memory.GiB if CUDA else math.inf
 
 
+def fused_adam_available():
+    """Whether DeepSpeed's FusedAdam (what its AdamW is on a GPU) is prebuilt or can be JIT-built (nvcc and ninja)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    except Exception:  # noqa: BLE001  (no DeepSpeed: the recipe fails later with its own message)
+        return True
+    if installed_ops.get("fused_adam"):
+        return True
+    return bool(CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) and is_ninja_available())
+
+
 def resolve(name, shape_name, quiet=False):
     """Fill a recipe's "auto" settings for this shape and device."""
     r = dict(recipe(name), note="")
@@ -97,6 +112,12 @@ def resolve(name, shape_name, quiet=False):
         if not quiet:
             print(f"[bench] {name}: {r['note']}", file=sys.stderr, flush=True)
         r["precision"], r["deepspeed"] = "bf16", CPU_DS_CONFIG.get(r["deepspeed"], r["deepspeed"])
+    if CUDA and r["deepspeed"] == SEED_DS_CONFIG and not fused_adam_available():
+        # The optimizer steps 4M LoRA parameters: torch's AdamW instead changes nothing measurable in a 7B step.
+        r["note"] = "no nvcc/ninja to build DeepSpeed's FusedAdam: its AdamW with torch_adam instead"
+        r["deepspeed"] = SEED_DS_CONFIG.replace(".json", "_torchadam.json")
+        if not quiet:
+            print(f"[bench] {name}: {r['note']}", file=sys.stderr, flush=True)
     if not CUDA and "cpu_seq" in r:
         r["seq"] = r["cpu_seq"]
     if not CUDA and r["micro_batch"] == "auto":

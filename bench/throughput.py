@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import astuple
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from swallow_ft.model import load_model, load_tokenizer  # noqa: E402
 from swallow_ft.trainer import SwallowTrainer  # noqa: E402
 
 from measure import Counting, StepProfiler, Timer, free_gpu, matmul_ceiling  # noqa: E402
-from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, SMALL, resolve  # noqa: E402  (bench/recipes.py: what is measured)
+from recipes import CUDA, MODIFIERS, RECIPES, SHAPES, SMALL, planning_gib, resolve  # noqa: E402  (bench/recipes.py: what is measured)
 
 def flags_for(r, model_dir, work):
     train_file = work / "unused.jsonl"  # check_arguments wants a data source; the rows are built in memory
@@ -61,16 +62,21 @@ def flags_for(r, model_dir, work):
             + (["--deepspeed", str(REPO / r["deepspeed"])] if r["deepspeed"] else []))
 
 
+BASE_SEQ = 2048  # example lengths are drawn against this, whatever the recipe's seq, and then truncated to it
+
+
 def make_rows(kind, seq, count_tokens, min_rows, vocab, pad_id, seed=0):
-    """random: rows of exactly seq tokens, all trained; skewed: log-normal lengths in [16, seq], loss on the
-    last 30% (the reply)."""
+    """The same stream of examples for every recipe of a data mode, each truncated to the recipe's seq.
+    random: examples of BASE_SEQ tokens, all trained; skewed: log-normal lengths in [16, BASE_SEQ] (median 15% of
+    BASE_SEQ), loss on the last 30% (the reply) of what is kept after truncation, so every row trains some tokens."""
     g = torch.Generator().manual_seed(seed)
     ids, labels, tokens = [], [], 0
     while tokens < count_tokens or len(ids) < min_rows:
-        z = torch.randn(1, generator=g).item()  # median 15% of seq, sigma 0.9: many short, a few long examples
-        n = seq if kind == "random" else int(min(seq, max(16, 0.15 * seq * math.exp(0.9 * z))))
-        row = torch.randint(3, vocab, (n,), generator=g)
+        z = torch.randn(1, generator=g).item()  # median 15%, sigma 0.9: many short, a few long examples
+        n = BASE_SEQ if kind == "random" else int(min(BASE_SEQ, max(16, 0.15 * BASE_SEQ * math.exp(0.9 * z))))
+        row = torch.randint(3, vocab, (n,), generator=g)[:seq]
         row = torch.where(row == pad_id, 3, row).tolist()  # non-pad counting needs the pad id absent from data
+        n = len(row)
         cut = 0 if kind == "random" else n - max(1, int(0.3 * n))
         ids, labels, tokens = ids + [row], labels + [[IGNORE] * cut + row[cut:]], tokens + n
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
@@ -122,7 +128,9 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
            "compiled": compiled_regions(trainer.model_wrapped),
            "activation_checkpointing": bool(r["checkpointing"]), "world_size": training_args.world_size,
            "flops_per_token": flops_per_token(model),  # the callback's count, so the bench's MFU is the Web UI's
-           "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times), "steps_s": sum(times),
+           "steps_measured": len(times), "tokens_per_second": sum(tokens) / sum(times),
+           # the mean tokens of a measured step over the median step time: robust to one slow step
+           "tokens_per_second_median": statistics.mean(tokens) / statistics.median(times), "steps_s": sum(times),
            # from the first measured step's start to the last one's end, gaps included
            "wall_s": timer.spans[measured][-1][1] - timer.spans[measured][0][0],
            "step_time": statistics.median(times),
@@ -138,9 +146,14 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
         busy = profiler.summary["gpu_kernel_s_per_step"]
         profiler.summary["gpu_busy"] = busy / profiler.summary["step_time"] if busy is not None else None
         row["profile"] = profiler.summary
-    del trainer, model
+    # Drop every reference to the model (the trainer holds it; timer, callback and profiler are held by the trainer
+    # and timer holds it back; core, collator and data are freed with them) so that its memory is released here.
+    model_ref = weakref.ref(model)
+    timer.trainer = None
+    del trainer, model, timer, profiler, callback, core, collator, train
     gc.collect()
     free_gpu()
+    row["model_released"] = model_ref() is None  # False: something still holds the model (and its GPU memory)
     if CUDA:  # what this recipe left allocated would count in the next one's peak and could make it OOM
         row["left_allocated_gib"] = torch.cuda.memory_allocated() / memory.GiB
     return row
@@ -301,9 +314,16 @@ def main(argv=None):
         p.error(f"--shape {args.shape} needs a GPU; on CPU use --shape {' or '.join(SMALL)}")
     ceiling = matmul_ceiling()
     device = torch.cuda.get_device_name(0) if CUDA else f"cpu ({os.cpu_count()} cores)"
+    plan_gib = planning_gib()  # what the "auto" settings were planned for: this GPU's memory or $PLAN_GPU_GIB
+    plan_gib = None if math.isinf(plan_gib) else round(plan_gib, 2)
+    planned_for = "no GPU limit" if plan_gib is None else f"planned for {plan_gib:g} GiB" + (
+        " ($PLAN_GPU_GIB)" if os.environ.get("PLAN_GPU_GIB") else "")
     report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-              "shape": args.shape, "data": args.data, "ceiling_tflops": ceiling / 1e12, "rows": [], "skipped": []}
-    print(f"[bench] {args.shape} on {device}; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)
+              "shape": args.shape, "data": args.data, "plan_gpu_gib": plan_gib,
+              "plan_gpu_gib_from": "PLAN_GPU_GIB" if os.environ.get("PLAN_GPU_GIB") else "device",
+              "ceiling_tflops": ceiling / 1e12, "rows": [], "skipped": []}
+    print(f"[bench] {args.shape} on {device}, {planned_for}; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s",
+          file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="swallow-bench-", dir=args.workdir))
     distributed = "LOCAL_RANK" in os.environ  # already under torchrun/deepspeed: all in-process
     isolate = False  # set once an in-process recipe leaves GPU memory behind: the rest run in their own processes
@@ -334,8 +354,8 @@ def main(argv=None):
                     row["mfu"] = row["tokens_per_second"] * row["flops_per_token"] / (ceiling * row["world_size"])
                 except Exception as e:  # one failed recipe (an OOM, a missing kernel) must not lose the others
                     row = {"recipe": name, "data": data, "error": f"{type(e).__name__}: {e}"[:300]}
-                    gc.collect()
-                    free_gpu()
+                gc.collect()  # whatever an in-process recipe left, before the next one's peak is measured
+                free_gpu()
                 longest = max(longest, time.monotonic() - recipe_started)
                 print(f"[bench] row: {json.dumps(row)}", file=sys.stderr, flush=True)
                 report["rows"].append(row)
@@ -344,8 +364,8 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     write_report(report, args.json)
     rows = report["rows"]
-    print(f"\n{args.shape} on {device}, {args.data} data, {args.steps} measured steps after {args.warmup} warm-up; "
-          f"matmul ceiling {ceiling / 1e12:.2f} TFLOP/s\n")
+    print(f"\n{args.shape} on {device}, {planned_for}, {args.data} data, {args.steps} measured steps after "
+          f"{args.warmup} warm-up; matmul ceiling {ceiling / 1e12:.2f} TFLOP/s\n")
     print(table(rows))
     for x in (x for x in rows if x.get("profile")):
         prof = x["profile"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def bench(tmp_path, *args, timeout):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["ceiling_tflops"] > 0
+    assert report["plan_gpu_gib"] == (float(os.environ["PLAN_GPU_GIB"]) if os.environ.get("PLAN_GPU_GIB") else None)
     assert "| recipe | tokens/s |" in result.stdout
     return {row["recipe"]: row for row in report["rows"]}, result
 
@@ -40,6 +42,8 @@ def test_default_and_padded_on_cpu(tiny_model, tmp_path):
         assert row["deepspeed"] is None and row["seq"] == 256 and row["micro_batch"] == 4
         assert 0 < row["steps_s"] <= row["wall_s"]  # the span holds the measured steps and the gaps between them
         assert row["callback_clock_vs_timer"] == pytest.approx(1, abs=0.05)  # the Web UI's tokens/s clock
+        assert row["tokens_per_second_median"] > 0
+        assert row["model_released"]  # nothing keeps an in-process recipe's model (its GPU memory) alive
     # The bench trains in bf16 under autocast on CPU too: peft's casts add ops per step, fused LoRA layers remove some.
     ops = {name: row["profile"]["aten_ops_per_step"] for name, row in rows.items()}
     assert ops["default+peftcasts"] > ops["default"] > ops["default+fusedlora"]
@@ -61,7 +65,8 @@ def test_seed_runs_zero3_under_torchrun_on_cpu(tiny_model, tmp_path):
     seed = rows["seed"]
     assert "torchrun --nproc_per_node 1" in result.stderr
     assert "fp16 is refused on CPU" in result.stderr and "fp16 is refused on CPU" in seed["note"]
-    assert seed["precision"] == "bf16" and seed["deepspeed"] == "ds_config_stage_3.json"
+    # The reference's DeepSpeed config (explicit buckets, DeepSpeed's AdamW and WarmupLR); its bf16 section is "auto".
+    assert seed["precision"] == "bf16" and seed["deepspeed"] == "ds_config_seed.json"
     assert seed["micro_batch"] == 1 and seed["seq"] == 1024 and seed["lora_targets"] == "q_proj,v_proj"
     assert seed["tokens_per_second"] > 0 and seed["step_time"] > 0
     assert seed["vs_seed"] == 1.0 and rows["default"]["vs_seed"] > 0
@@ -94,6 +99,29 @@ def test_recipes_combine_with_modifiers():
     assert on_cpu["liger"] is False and on_cpu["micro_batch"] == 4 and on_cpu["seq"] == 256
 
 
+def test_seed_uses_the_references_deepspeed_config(monkeypatch):
+    """`seed` runs the reference's ZeRO-3 config (explicit buckets, DeepSpeed's AdamW and WarmupLR), not the "auto"
+    buckets transformers sizes from the hidden size; where FusedAdam cannot be built, a twin with torch_adam."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import recipes
+
+    seed = json.loads((REPO / "bench/ds_config_seed.json").read_text())
+    zero = seed["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"],
+            zero["sub_group_size"], zero["stage3_max_live_parameters"]) == (5e8, 5e7, 1e5, 1e9, 1e9)
+    assert seed["optimizer"]["type"] == "AdamW" and seed["scheduler"]["type"] == "WarmupLR"
+    assert seed["fp16"]["initial_scale_power"] == 16
+    assert recipes.recipe("seed")["deepspeed"] == "bench/ds_config_seed.json"
+    twin = json.loads((REPO / "bench/ds_config_seed_torchadam.json").read_text())
+    assert twin["optimizer"]["params"].pop("torch_adam") is True and twin == seed
+    monkeypatch.setattr(recipes, "CUDA", True)
+    monkeypatch.setattr(recipes, "fused_adam_available", lambda: False)
+    monkeypatch.setenv("PLAN_GPU_GIB", "79.6")
+    on_gpu = recipes.resolve("seed", "swallow-7b", quiet=True)
+    assert on_gpu["deepspeed"] == "bench/ds_config_seed_torchadam.json" and "FusedAdam" in on_gpu["note"]
+    assert on_gpu["precision"] == "fp16"
+
+
 def test_bad_recipe_and_budget(tiny_model, tmp_path):
     bad = subprocess.run([sys.executable, "bench/throughput.py", "--recipes", "default+liger"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -108,7 +136,8 @@ def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     # bench/gpu.sh is what a session with a GPU runs in one call; this checks the script, not any timing (`seed` under
     # torchrun has its own test above).
     env = {**os.environ, "SHAPE": "tiny", "RECIPES_SKEWED": "padded,default+expseg", "RECIPES_RANDOM": "default+compile",
-           "PROFILE_STEPS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PROFILE_STEPS": "1", "WHEEL_DIR": str(tmp_path / "no-wheels"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,10 +150,51 @@ def test_gpu_script_runs_end_to_end_on_the_tiny_shape(tiny_model, tmp_path):
     assert all(r["profile"]["aten_ops_per_step"] > 0 for r in skewed["rows"] + random["rows"])
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
         assert "./profile-default_expseg-skewed.txt" in tar.getnames()
-    assert "python" in (tmp_path / "versions.txt").read_text()
+    versions = (tmp_path / "versions.txt").read_text()
+    assert "python" in versions and "PLAN_GPU_GIB 79.6" in versions and "determined " in versions
+    # Planned as for an 80 GB H100 unless PLAN_GPU_GIB says otherwise, and the reports say so.
+    assert skewed["plan_gpu_gib"] == random["plan_gpu_gib"] == 79.6 and skewed["plan_gpu_gib_from"] == "PLAN_GPU_GIB"
+    assert all(r["steps_measured"] == 16 for r in skewed["rows"] + random["rows"])
     # A device run brings back only a few files: the profile tables travel packed.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profiles.tgz", "random.json", "random.log", "skewed.json",
                                                           "skewed.log", "versions.txt"]
+
+
+def test_gpu_script_installs_missing_packages_from_wheels_or_says_what_is_missing(tmp_path):
+    """A device image lacks some of the bench's packages: gpu.sh installs the carried wheels into SITE_DIR, imports
+    again, and names what is still missing in error.txt (and one line on stderr) before running anything."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    dist = "bench_probe_pkg-1.0.dist-info"
+    files = {"bench_probe_pkg/__init__.py": "",
+             f"{dist}/METADATA": "Metadata-Version: 2.1\nName: bench-probe-pkg\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist}/RECORD"])
+    with zipfile.ZipFile(wheels / "bench_probe_pkg-1.0-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+    env = {**os.environ, "BENCH_IMPORTS": "json,bench_probe_pkg,no_such_module_x", "WHEEL_DIR": str(wheels),
+           "SITE_DIR": str(tmp_path / "site"), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "bench/gpu.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3 and (tmp_path / "site" / "bench_probe_pkg" / "__init__.py").exists()
+    error = (out / "error.txt").read_text()
+    assert "cannot import no_such_module_x " in error and "bench_probe_pkg" not in error and "README" in error
+    assert result.stderr.strip().splitlines()[-1] == error.strip() and sorted(os.listdir(out)) == ["error.txt"]
+
+
+def test_every_recipe_sees_the_same_examples_up_to_its_seq():
+    """Example lengths are drawn against one base length, so `seed` (1024) and `default` (2048) train on the same
+    examples, the long ones truncated, and the skewed ratio compares like with like."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import throughput
+
+    short, long = (throughput.make_rows("skewed", seq, 50_000, 40, 1200, 0) for seq in (1024, 2048))
+    assert len(short) >= 40 and max(map(len, long["input_ids"])) > 1024  # some examples are truncated
+    for a, b, labels in zip(short["input_ids"], long["input_ids"], short["labels"]):
+        assert a == b[:1024]
+        assert any(x != throughput.IGNORE for x in labels)  # each truncated example still trains its last 30%
 
 
 def test_a_recipe_past_the_deadline_is_killed_with_its_processes(tiny_model, tmp_path):
