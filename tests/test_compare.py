@@ -62,7 +62,7 @@ def test_prompts_are_rendered_as_the_run_trained_them(trained_run, tiny_model):
     # Token for token what training encoded for the same row, and the prompt is exactly its untrained head.
     trained = DataTrainingArguments(train_file=PROMPTS, prompt_format=FORMAT, system_prompt=SYSTEM)
     row = load_raw_datasets(trained)["train"][0]
-    ids, labels = encode_example(row, "row 0", "camel-math", FORMATS[FORMAT], models.tokenizer, trained)
+    ids, labels = encode_example(row, "row 0", "camel-math", FORMATS[FORMAT], models.tokenizer, SYSTEM)
     assert (example.input_ids, example.labels) == (ids, labels)
     assert ids[:len(example.prompt_ids)] == example.prompt_ids and labels[len(example.prompt_ids) - 1] == -100
 

@@ -1,6 +1,7 @@
 """The data path as training uses it: packing without contamination, loss normalisation, policies, preview."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,61 @@ def test_preview_of_a_broken_file_is_one_line_without_a_traceback(tiny_model, tm
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {path} line 31: not valid JSON (Expecting property name enclosed in double quotes): fix or remove "
         "the line")
+
+
+def test_two_ranks_tokenise_and_pack_once_and_data_options_reuse_the_tokens(tiny_model, tmp_path):
+    """Rank 0 builds each stage while rank 1 waits and reads the cache, --overwrite_cache included; options that do
+    not change the tokens (--max_train_samples, --max_eval_samples) re-pack, but do not tokenise again."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(REPO / "tests/data_ranks.py"), str(tiny_model), str(REPO / "data/camel_math_ja.jsonl"),
+                             str(tmp_path / "cache"), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def computed(build):
+        return {stage for stage in ("Tokenising", "Packing") if stage in build["log"]}
+
+    assert [computed(build) for build in ranks[0]] == [{"Tokenising", "Packing"}, {"Tokenising", "Packing"},
+                                                       {"Packing"}]
+    assert [computed(build) for build in ranks[1]] == [set(), set(), set()]
+    for first, second in zip(*ranks):
+        assert {k: first[k] for k in ("train", "validation", "rows")} == {
+            k: second[k] for k in ("train", "validation", "rows")}
+    assert ranks[0][2]["rows"] < ranks[0][0]["rows"]
+
+
+def test_a_token_is_trained_exactly_when_it_overlaps_a_trained_span():
+    """The vectorised labelling against its definition, zero-width tokens and touching spans included."""
+    import random
+
+    from swallow_ft.data.encoding import _label_run
+
+    rng = random.Random(0)
+    for _ in range(500):
+        length = rng.randint(1, 12)
+        cuts = sorted(rng.sample(range(length + 1), rng.randint(2, min(6, length + 1))))
+        spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if rng.random() < 0.6]
+        offsets = [tuple(sorted((rng.randint(0, length), rng.randint(0, length)))) for _ in range(rng.randint(1, 8))]
+        ids = list(range(1, len(offsets) + 1))
+        expected = [i if any(a < end and b > begin for begin, end in spans) else IGNORE
+                    for i, (a, b) in zip(ids, offsets)]
+        assert _label_run(ids, offsets, length, spans)[1].tolist() == expected, (length, spans, offsets)
+
+
+def test_one_batch_tokenises_each_run_of_text_as_one_string(tokenizer):
+    from swallow_ft.data.encoding import encode_batch
+    from swallow_ft.data.templates import Special, Text
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    examples = [[Special(bos), Text("質問: 1+1? "), Text("答え: 2", trained=True), Special(eos, trained=True)],
+                [], [Text("")], [Text("x"), Text("y", trained=True)], [Special(5, trained=True)]]
+    batch = [(ids.tolist(), labels.tolist()) for ids, labels in encode_batch(examples, tokenizer)]
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    assert batch[0][0] == [bos] + tokens("質問: 1+1? 答え: 2") + [eos]
+    assert tokenizer.decode([t for t in batch[0][1] if t != IGNORE]) == "答え: 2</s>"
+    assert batch[1] == batch[2] == ([], [])
+    assert batch[3][0] == tokens("xy") and batch[4] == ([5], [5])

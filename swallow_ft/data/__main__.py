@@ -69,7 +69,7 @@ def preview(options, model_args, data_args, out=sys.stdout):
     color = out.isatty()
     for index in range(min(options.n, len(raw))):
         where = row_name(source, index)
-        ids, labels = encode_example(raw[index], where, shape, fmt, tokenizer, data_args)
+        ids, labels = encode_example(raw[index], where, shape, fmt, tokenizer, data_args.system_prompt)
         trained = [i for i, label in zip(ids, labels) if label != IGNORE]
         if options.format == "json":
             out.write(json.dumps({"text": tokenizer.decode(ids), "train_text": tokenizer.decode(trained),

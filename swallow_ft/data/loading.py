@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -24,7 +23,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Traini
 
 from swallow_ft.arguments import DataTrainingArguments
 from swallow_ft.data import encoding, shapes, templates
-from swallow_ft.data.encoding import IGNORE, encode
+from swallow_ft.data.encoding import IGNORE, encode, encode_batch
 from swallow_ft.data.fingerprint import map_fingerprint
 from swallow_ft.data.packing import PackedCollator, pack, packing_efficiency
 from swallow_ft.data.shapes import BadRow, detect_shape, to_conversation
@@ -174,70 +173,85 @@ def _line_of(index: int, rows_before_blank: Sequence[int]) -> int:
     return index + 1 + bisect.bisect_right(rows_before_blank, index + 1)
 
 
-def example_key(input_ids: Sequence[int], labels: Sequence[int]) -> int:
+def example_key(input_ids: np.ndarray, labels: np.ndarray) -> int:
     """A 64-bit digest of an example's tokens and labels: equal keys mean identical examples."""
-    digest = hashlib.blake2b(array("q", list(input_ids) + list(labels)).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    both = np.concatenate([input_ids, labels]).astype("<i8")
+    return int.from_bytes(hashlib.blake2b(both.tobytes(), digest_size=8).digest(), "little", signed=True)
 
 
-def encode_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, data_args: DataTrainingArguments):
-    """One dataset row -> (input_ids, labels), exactly as training sees it (before truncation)."""
+def render_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, system_prompt: Optional[str]):
+    """One dataset row -> the format's pieces; a BadRow naming the row if it cannot be rendered."""
     conv = to_conversation(row, shape, where)
     try:
-        pieces = fmt.render(conv, tokenizer, data_args.system_prompt)
+        return fmt.render(conv, tokenizer, system_prompt)
     except BadRow:
         raise
     except UserError as exc:  # a format that cannot render this row: name the row
         raise BadRow(f"{where}: {exc}") from exc
-    return encode(pieces, tokenizer, fmt.literal_specials)
+
+
+def encode_example(row, where: str, shape: str, fmt: PromptFormat, tokenizer, system_prompt: Optional[str]):
+    """One dataset row -> (input_ids, labels), exactly as training sees it (before truncation)."""
+    return encode(render_example(row, where, shape, fmt, tokenizer, system_prompt), tokenizer, fmt.literal_specials)
 
 
 def encode_split(dataset: Dataset, source: str, shape: str, fmt: PromptFormat, tokenizer,
-                 data_args: DataTrainingArguments, block_size: int) -> Dataset:
-    """Rows -> input_ids/labels plus bookkeeping columns (n_train, truncated, bad) and `key` (example_key)."""
+                 data_args: DataTrainingArguments, block_size: int, rebuild: bool = False) -> Dataset:
+    """Rows -> input_ids/labels plus bookkeeping columns (n_train, truncated, bad) and `key` (example_key).
+
+    rebuild: tokenise again instead of reading the datasets cache (--overwrite_cache, on the main process only).
+    """
+    # Only what decides the tokens goes into the closure, since datasets keys the cache on everything it holds.
+    system_prompt, skip_bad_rows = data_args.system_prompt, data_args.skip_bad_rows
+
     def encode_rows(batch, indices):
-        out = {"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": [], "key": []}
+        rendered, bad = [], []
         for values, index in zip(zip(*batch.values()), indices):
             try:
-                ids, labels = encode_example(dict(zip(batch, values)), row_name(source, index), shape, fmt,
-                                             tokenizer, data_args)
-                bad = False
+                rendered.append(render_example(dict(zip(batch, values)), row_name(source, index), shape, fmt,
+                                               tokenizer, system_prompt))
+                bad.append(False)
             except BadRow:
-                if not data_args.skip_bad_rows:
+                if not skip_bad_rows:
                     raise
-                ids, labels, bad = [], [], True
-            truncated = len(ids) > block_size
+                rendered.append([])
+                bad.append(True)
+        out = {"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": bad, "key": []}
+        for ids, labels in encode_batch(rendered, tokenizer, fmt.literal_specials):
+            out["truncated"].append(len(ids) > block_size)
             ids, labels = ids[:block_size], labels[:block_size]
             out["input_ids"].append(ids)
             out["labels"].append(labels)
-            out["n_train"].append(sum(label != IGNORE for label in labels))
-            out["truncated"].append(truncated)
-            out["bad"].append(bad)
+            out["n_train"].append(int(np.count_nonzero(labels != IGNORE)))
             out["key"].append(example_key(ids, labels))
         return out
 
     return dataset.map(encode_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
                        num_proc=data_args.preprocessing_num_workers,
                        new_fingerprint=map_fingerprint(dataset, encode_rows, TOKEN_CODE),
-                       load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenising {source}")
+                       load_from_cache_file=not rebuild, desc=f"Tokenising {source}")
+
+
+def columns(dataset: Dataset, *names: str) -> Tuple[np.ndarray, ...]:
+    """Whole columns as numpy arrays, read in one go (datasets' Column object would iterate row by row)."""
+    table = dataset.with_format("numpy", columns=list(names))[:]
+    return tuple(table[name] for name in names)
 
 
 def keep_trainable(dataset: Dataset, source: str, data_args: DataTrainingArguments) -> Dataset:
     """Apply the over-long policy and drop rows that would train nothing, saying how many and why."""
-    bad = sum(dataset["bad"])
-    truncated = sum(dataset["truncated"])
+    bad, truncated, n_train = columns(dataset, "bad", "truncated", "n_train")
     drop_truncated = data_args.overlong == "drop"
-    keep = [not b and n > 0 and not (t and drop_truncated)
-            for b, n, t in zip(dataset["bad"], dataset["n_train"], dataset["truncated"])]
-    empty = sum(1 for b, n in zip(dataset["bad"], dataset["n_train"]) if not b and n == 0)
-    if bad:
-        logger.warning("%s: skipped %d bad rows (--skip_bad_rows)", source, bad)
-    if truncated:
-        logger.warning("%s: %d examples longer than block_size were %s (--overlong %s)", source, truncated,
+    empty = ~bad & (n_train == 0)
+    keep = ~bad & (n_train > 0) & ~(truncated & drop_truncated)
+    if bad.any():
+        logger.warning("%s: skipped %d bad rows (--skip_bad_rows)", source, bad.sum())
+    if truncated.any():
+        logger.warning("%s: %d examples longer than block_size were %s (--overlong %s)", source, truncated.sum(),
                        "dropped" if drop_truncated else "truncated", data_args.overlong)
-    if empty:
-        logger.warning("%s: dropped %d examples with no trained tokens left after truncation", source, empty)
-    kept = dataset.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_train", "truncated", "bad"])
+    if empty.any():
+        logger.warning("%s: dropped %d examples with no trained tokens left after truncation", source, empty.sum())
+    kept = dataset.select(np.flatnonzero(keep)).remove_columns(["n_train", "truncated", "bad"])
     if len(kept) == 0:
         raise UserError(f"{source}: no example is left to train on (bad rows, or every reply was cut by "
                         "block_size: raise --block_size)")
@@ -250,10 +264,7 @@ def without_leaks(validation: Dataset, train: Dataset, source: str, held_out: bo
     A split held out here drops them, since getting that split right is ours to do; a --validation_file is the
     user's benchmark and is kept as given, with a warning. Either way the count is logged.
     """
-    def keys(dataset):
-        return np.asarray(dataset.with_format("numpy")["key"])
-
-    leaked = np.isin(keys(validation), keys(train))
+    leaked = np.isin(*columns(validation, "key"), *columns(train, "key"))
     count = int(leaked.sum())
     if not count:
         return validation
@@ -279,36 +290,39 @@ def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArgu
     fmt = choose_format(data_args.prompt_format, model_name, tokenizer, shape)
     block_size = data_args.block_size or min(tokenizer.model_max_length, 2048)
 
-    # The main process tokenises first and fills the datasets cache; the other ranks then read it
-    # instead of all tokenising at once (which on big data outlasts the NCCL timeout).
+    held_out = "validation" not in raw
+    if held_out and not 0 < data_args.validation_split_percentage < 100:
+        raise UserError("no validation split: give --validation_file or a --validation_split_percentage in 1..99")
+
+    # The main process builds the splits first, filling the datasets cache at each step; the other ranks then read
+    # it instead of all tokenising and packing at once (which on big data outlasts the NCCL timeout).
+    rebuild = data_args.overwrite_cache and training_args.local_process_index == 0
     with training_args.main_process_first(desc="tokenising"):
         splits = {split: keep_trainable(encode_split(ds, source_name(data_args, split), shape, fmt, tokenizer,
-                                                     data_args, block_size), source_name(data_args, split), data_args)
+                                                     data_args, block_size, rebuild),
+                                        source_name(data_args, split), data_args)
                   for split, ds in raw.items() if split in ("train", "validation")}
-    held_out = "validation" not in splits
-    if held_out:
-        if not 0 < data_args.validation_split_percentage < 100:
-            raise UserError("no validation split: give --validation_file or a --validation_split_percentage in 1..99")
-        split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
-        splits = {"train": split["train"], "validation": split["test"]}
-    if data_args.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
-    # Against the examples actually trained on, and before max_eval_samples so that it still gives that many.
-    validation_source = f"{train_source} (held out)" if held_out else source_name(data_args, "validation")
-    splits["validation"] = without_leaks(splits["validation"], splits["train"], validation_source, held_out)
-    if data_args.max_eval_samples:
-        splits["validation"] = splits["validation"].select(
-            range(min(data_args.max_eval_samples, len(splits["validation"]))))
-    splits = {name: ds.remove_columns("key") for name, ds in splits.items()}
-    logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
-                train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
+        if held_out:
+            split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
+            splits = {"train": split["train"], "validation": split["test"]}
+        if data_args.max_train_samples:
+            splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+        # Against the examples actually trained on, and before max_eval_samples so that it still gives that many.
+        validation_source = f"{train_source} (held out)" if held_out else source_name(data_args, "validation")
+        splits["validation"] = without_leaks(splits["validation"], splits["train"], validation_source, held_out)
+        if data_args.max_eval_samples:
+            splits["validation"] = splits["validation"].select(
+                range(min(data_args.max_eval_samples, len(splits["validation"]))))
+        splits = {name: ds.remove_columns("key") for name, ds in splits.items()}
+        logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
+                    train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
 
-    efficiency = None
-    if data_args.packing:
-        splits = {name: pack(ds, block_size) for name, ds in splits.items()}
-        efficiency = packing_efficiency(splits["train"], block_size)
-        logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
-                    len(splits["train"]), block_size, 100 * efficiency)
+        efficiency = None
+        if data_args.packing:
+            splits = {name: pack(ds, block_size, rebuild) for name, ds in splits.items()}
+            efficiency = packing_efficiency(splits["train"], block_size)
+            logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
+                        len(splits["train"]), block_size, 100 * efficiency)
     return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency, block_size,
                         fmt.system_prompt(data_args.system_prompt))
 

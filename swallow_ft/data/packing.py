@@ -8,6 +8,7 @@ causal mask, so each example only ever sees itself. tests/test_packing.py checks
 import sys
 from typing import Dict, List, Optional
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
@@ -33,7 +34,7 @@ def _first_fit_decreasing(lengths: List[int], block_size: int) -> List[List[int]
     return bins
 
 
-def pack(dataset: Dataset, block_size: int) -> Dataset:
+def pack(dataset: Dataset, block_size: int, rebuild: bool = False) -> Dataset:
     def pack_group(batch):
         rows = {"input_ids": [], "labels": [], "position_ids": []}
         for members in _first_fit_decreasing([len(ids) for ids in batch["input_ids"]], block_size):
@@ -48,13 +49,15 @@ def pack(dataset: Dataset, block_size: int) -> Dataset:
     # Keyed on this module's source too: pack_group calls _first_fit_decreasing, which datasets hashes by name.
     return dataset.map(pack_group, batched=True, batch_size=PACKING_GROUP, remove_columns=dataset.column_names,
                        new_fingerprint=map_fingerprint(dataset, pack_group, [sys.modules[__name__]]),
-                       desc=f"Packing into rows of {block_size}")
+                       load_from_cache_file=not rebuild, desc=f"Packing into rows of {block_size}")
 
 
 def packing_efficiency(dataset: Dataset, block_size: int) -> float:
     """Real tokens per token slot: how much of each block_size row carries data."""
-    tokens = sum(len(ids) for ids in dataset["input_ids"])
-    return tokens / (len(dataset) * block_size) if len(dataset) else 0.0
+    if not len(dataset):
+        return 0.0
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"][:])
+    return pc.sum(lengths).as_py() / (len(dataset) * block_size)
 
 
 class PackedCollator:
