@@ -239,3 +239,16 @@ def test_recipes_are_planned_for_the_gpu_size_asked(monkeypatch):
     nvidia_smi, torch_cuda = (plan(recipes.SHAPES["swallow-7b"], gpus=1, gpu_mem=gib, seq=2048, lora=True,
                                    global_batch=64).setting for gib in (79.6, gpu_gib(80, "h100")[0]))
     assert nvidia_smi == torch_cuda and torch_cuda.micro_batch == 4 and not torch_cuda.checkpointing
+
+
+def test_data_prep_builds_cold_warm_and_repacked(tiny_model, tmp_path):
+    """A smoke run of bench/data_prep.py (its timings mean nothing here): the same packed rows from a warm cache,
+    fewer after --max_train_samples."""
+    out = tmp_path / "data_prep.json"
+    result = subprocess.run([sys.executable, "bench/data_prep.py", "--rows", "300", "--block_size", "256",
+                             "--tokenizer", str(tiny_model), "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cold, warm, repacked = json.loads(out.read_text())["results"]
+    assert cold["packed_train_rows"] == warm["packed_train_rows"] > repacked["packed_train_rows"] > 0
+    assert 0.5 < cold["packing_efficiency"] <= 1 and "warm cache" in result.stdout
