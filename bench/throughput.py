@@ -3,6 +3,7 @@ DetCallback) on a random-init model of a named shape, several recipes in one run
     python bench/throughput.py --shape swallow-7b --recipes seed,default,padded --data skewed --json bench/h100.json
 """
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import determined as det  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -188,12 +190,24 @@ def run_in_child(name, r, model_dir, work, args, data, deadline=None):
     try:
         returncode = child.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+        kill_tree(child.pid)
         child.wait()
         raise TimeoutError("killed at --deadline; its output is above") from None
     if returncode != 0 or not out.exists():
         raise RuntimeError(f"its child process failed (exit {returncode}); its output is above")
     return json.loads(out.read_text())
+
+
+def kill_tree(pid):
+    """SIGKILL pid, everything below it and their process groups. torchrun starts each rank in a session of its own,
+    out of reach of killing torchrun's group: on a GPU box a rank left behind holds memory and compute."""
+    root = psutil.Process(pid)
+    root.suspend()  # no new children while they are collected
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
 
 
 def profile_dir(args):
