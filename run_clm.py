@@ -1,7 +1,7 @@
 """Fine-tune a Swallow model with the Hugging Face Trainer on Determined, or locally.
 
 On a cluster (the experiment's entrypoint):
-    python -m determined.launch.deepspeed python run_clm.py --model_name_or_path ... [HF flags]
+    python3 -m determined.launch.deepspeed python3 run_clm.py --model_name_or_path ... [HF flags]
 Locally, from the same experiment file (checkpoints and metrics under runs/<name>/):
     python run_clm.py --config experiments/local_tiny.yaml [--fresh] [--any_flag value ...]
 """

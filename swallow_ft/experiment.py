@@ -16,7 +16,7 @@ from swallow_ft.errors import UserError
 
 SEARCHED_TYPES = ("int", "double", "log", "categorical")
 SCRIPT_NAME = "run_clm.py"
-ONE_COMMAND = f"python -m determined.launch.… python {SCRIPT_NAME} …"
+ONE_COMMAND = f"python3 -m determined.launch.… python3 {SCRIPT_NAME} …"
 # One piece of a string entrypoint, as sh reads it outside quotes (DOTALL: an escaped character may be a newline).
 SH_TOKEN = re.compile(r"""
     (?P<continuation>\\\n)
@@ -159,7 +159,7 @@ class Experiment:
         if isinstance(entrypoint, list) and all(isinstance(t, str) for t in entrypoint):
             return list(entrypoint)  # the cluster runs a list as it is, without a shell: nothing expands
         raise UserError(f"{self.path}: entrypoint must be a string or a list of strings, e.g. "
-                        f"'python -m determined.launch.deepspeed python {SCRIPT_NAME} --model_name_or_path ...'")
+                        f"'python3 -m determined.launch.deepspeed python3 {SCRIPT_NAME} --model_name_or_path ...'")
 
     def script_args(self, expand: bool = True) -> List[str]:
         """The flags after run_clm.py in the entrypoint."""

@@ -96,21 +96,21 @@ def rewritten(path: Path, flags: List[str], gpus: int) -> str:
     config = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
     expanding = _expanding(exp)
     args = [(words[i], _shell_word(words[i], expanding[i])) for i in keep] + [(flag, flag) for flag in flags]
-    launcher = ("python -m determined.launch.deepspeed\n  " if config
-                else "python -m determined.launch.torch_distributed\n  " if gpus > 1 else "")
+    launcher = ("python3 -m determined.launch.deepspeed\n  " if config
+                else "python3 -m determined.launch.torch_distributed\n  " if gpus > 1 else "")
     lines, i = [], 0
     while i < len(args):
         takes_value = i + 1 < len(args) and not args[i + 1][0].startswith("--")
         lines.append(" ".join(shell for _, shell in args[i:i + 2]) if takes_value else args[i][1])
         i += 2 if takes_value else 1
-    block = "entrypoint: >-\n  " + launcher + "python run_clm.py\n" + "".join(f"  {line}\n" for line in lines)
+    block = "entrypoint: >-\n  " + launcher + "python3 run_clm.py\n" + "".join(f"  {line}\n" for line in lines)
     text = re.sub(r"^entrypoint: >-\n(?:  .*(?:\n|$))+", lambda _: block, path.read_text(), count=1, flags=re.M)
     # The key itself, not a mention of it in a comment (local_tiny_ds3.yaml's header has one).
     text = re.sub(r"^( +slots_per_trial:[ \t]*)\d+", rf"\g<1>{gpus}", text, count=1, flags=re.M)
     # DSAT tunes the file this hyperparameter names, and the Web UI shows it as the run's DeepSpeed config.
     text = re.sub(r"^( +deepspeed_config: ).*\n", lambda m: f"{m[1]}{config}\n" if config else "", text, count=1,
                   flags=re.M)
-    new, head = Experiment(path, yaml.safe_load(text)), launcher.split() + ["python", "run_clm.py"]
+    new, head = Experiment(path, yaml.safe_load(text)), launcher.split() + ["python3", "run_clm.py"]
     if new.slots_per_trial != gpus:
         raise UserError(f"--write {path}: resources has no `slots_per_trial: N` line to set to {gpus}: add one, as "
                         f"experiments/swallow_7b.yaml has, or plan for --gpus {exp.slots_per_trial}")

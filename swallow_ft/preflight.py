@@ -53,10 +53,10 @@ def check_entrypoint(exp: Experiment, flags: List[str], found: Findings) -> None
     where = f"{exp.path}: entrypoint"
     if "--deepspeed" in flags and launcher != "determined.launch.deepspeed":
         found.problems.append(f"{where}: --deepspeed needs the DeepSpeed launcher: start it with "
-                              "'python -m determined.launch.deepspeed python run_clm.py ...'")
+                              "'python3 -m determined.launch.deepspeed python3 run_clm.py ...'")
     if exp.slots_per_trial > 1 and launcher is None:
         found.problems.append(f"{where}: slots_per_trial is {exp.slots_per_trial} but nothing starts one process per "
-                              "GPU: prefix 'python -m determined.launch.torch_distributed' (or .deepspeed)")
+                              "GPU: prefix 'python3 -m determined.launch.torch_distributed' (or .deepspeed)")
     if "--evaluation_strategy" in flags:
         found.problems.append(f"{where}: --evaluation_strategy was renamed --eval_strategy in transformers 5 "
                               "(run_clm.py still accepts the old name, other tools do not): rename it")
@@ -269,6 +269,7 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
         found.problems += [f"{exp.path}: {message}" for message in expconf.validate(exp.config, version)]
         flags = exp.script_args()
         check_entrypoint(exp, flags, found)
+        note_cluster_names(exp, found)
         hparams = exp.sample_hparams()
         model_args, data_args, training_args = parse_input_arguments(
             hparams, without_deepspeed(flags) + ["--use_cpu", "true"])
@@ -311,6 +312,18 @@ def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tu
     check_model_and_memory(model_args, data_args, training_args, exp.slots_per_trial, ds_config, gpu_mem, found,
                            where=str(path))
     return found
+
+
+def note_cluster_names(exp: Experiment, found: Findings) -> None:
+    """The master refuses an experiment whose workspace, project or pool it does not have: the shipped YAMLs name the
+    reference's (poc, swallow, A100), which are unlikely to be a user's."""
+    named = {"workspace": exp.config.get("workspace"), "project": exp.config.get("project"),
+             "resources.resource_pool": (exp.config.get("resources") or {}).get("resource_pool")}
+    named = {key: value for key, value in named.items() if value}
+    if named:
+        found.notes.append(f"{', '.join(f'{key} {value}' for key, value in named.items())}: must exist on your cluster "
+                           "(not checked offline): change or delete them (det workspace list, det project list "
+                           "WORKSPACE, det workspace list-pools WORKSPACE)")
 
 
 def check_deepspeed_hyperparameter(named: Optional[str], used: Optional[str], found: Findings, where: str) -> None:

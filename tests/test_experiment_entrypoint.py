@@ -117,7 +117,7 @@ def test_shell_syntax_is_refused_in_one_line_naming_the_file_and_the_token(tmp_p
         experiment.script_args()
     message = str(raised.value)
     assert message.startswith(f"{experiment.path}: entrypoint: {token}")
-    assert "locally the entrypoint must be one command (python -m determined.launch.… python run_clm.py …)" in message
+    assert "locally the entrypoint must be one command (python3 -m determined.launch.… python3 run_clm.py …)" in message
     assert "\n" not in message
 
 

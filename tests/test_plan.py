@@ -217,7 +217,7 @@ def test_write_into_keeps_environment_variables_as_written(tmp_path, monkeypatch
     monkeypatch.setenv("HOME", "/home/planner")
     path = tmp_path / "exp.yaml"
     text = (REPO / "experiments/swallow_7b.yaml").read_text()
-    path.write_text(text.replace("python run_clm.py\n", "python run_clm.py\n  --cache_dir $HOME/hf_cache\n", 1))
+    path.write_text(text.replace("python3 run_clm.py\n", "python3 run_clm.py\n  --cache_dir $HOME/hf_cache\n", 1))
     assert Experiment.load(path).script_args()[:2] == ["--cache_dir", "/home/planner/hf_cache"]
     chosen = plan(KNOWN_SHAPES["swallow-7b"], gpus=1, gpu_mem=80, seq=2048, lora=True, global_batch=64)
     write_into(path, flags_for(chosen, 2048), gpus=1)
@@ -309,7 +309,7 @@ def _with_entrypoint_lines(tmp_path, lines: str):
     path = tmp_path / "exp.yaml"
     shutil.copytree(REPO / "ds_configs", tmp_path / "ds_configs")
     text = (REPO / "experiments/swallow_7b.yaml").read_text()
-    path.write_text(text.replace("python run_clm.py\n", "python run_clm.py\n" + lines, 1))
+    path.write_text(text.replace("python3 run_clm.py\n", "python3 run_clm.py\n" + lines, 1))
     return path
 
 
@@ -337,7 +337,7 @@ def test_write_into_gives_back_every_word_the_shell_gave(tmp_path, monkeypatch):
     for expand in (False, True):
         assert _unplanned(after.script_args(expand)) == _unplanned(before.script_args(expand))
     # What the cluster does with it: sh -c, in an environment of its own.
-    printf = after.config["entrypoint"].replace("python run_clm.py", "printf '%s\\0'", 1)
+    printf = after.config["entrypoint"].replace("python3 run_clm.py", "printf '%s\\0'", 1)
     run = subprocess.run(["sh", "-c", printf], capture_output=True, text=True,
                          env={"HOME": "/home/planner", "RUN": "my run"})
     assert run.stdout.split("\0")[:-1] == after.script_args()

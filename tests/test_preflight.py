@@ -22,6 +22,12 @@ def test_every_shipped_experiment_passes_with_a_memory_estimate(path, tiny_model
     assert any(note.startswith("memory per GPU:") for note in found.notes), found.notes
 
 
+def test_the_cluster_names_a_master_would_refuse_are_noted():
+    names = [n for n in check_experiment(REPO / "swallow_70b_ds3.yaml").notes if "must exist on your cluster" in n]
+    assert names and names[0].startswith("workspace poc, project swallow, resources.resource_pool A100:")
+    assert not any("must exist" in n for n in check_experiment(REPO / "experiments/local_tiny.yaml").notes)
+
+
 def test_the_70b_experiment_fits_four_80gb_gpus():
     found = check_experiment(REPO / "swallow_70b_ds3.yaml")
     memory = next(n for n in found.notes if n.startswith("memory per GPU"))
