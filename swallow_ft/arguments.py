@@ -216,6 +216,10 @@ def parse_input_arguments(
         # The filter reads every micro-step's loss on the host, which makes the host wait for the GPU's backward before
         # it may queue the optimizer step; without it a diverged run logs nan instead of hiding it.
         training_args.logging_nan_inf_filter = False
+    if model_args.use_lora and not _given(args, "--ddp_find_unused_parameters"):
+        # The Trainer has DDP search for unused parameters in any model that is not a PreTrainedModel, a PeftModel
+        # included: a walk of the autograd graph at every backward, for nothing, since every adapter gets a gradient.
+        training_args.ddp_find_unused_parameters = False
     if training_args.torch_compile:
         # accelerate's regional compilation: one decoder layer is compiled and its code reused by all 32-80, where a
         # whole-model compile traces every layer into one graph and its compile time grows with depth. Read by the

@@ -190,7 +190,7 @@ RESUMABLE_FLAGS = {
     "--use_cpu", "--ddp_backend", "--dataloader_num_workers", "--preprocessing_num_workers", "--overwrite_cache",
     "--per_device_eval_batch_size", "--max_eval_samples", "--logging_nan_inf_filter", "--include_num_input_tokens_seen",
     "--attn_implementation", "--use_liger_kernel", "--torch_compile", "--skip_bad_rows", "--do_eval",
-    "--liger_kernel_config",
+    "--liger_kernel_config", "--ddp_find_unused_parameters",
 }
 SETTINGS_FORMAT = 2  # flags.json before it held {--flag: text}
 SECRET_FIELDS = {"hub_token"}  # flags.json is a plain file beside the metrics

@@ -192,3 +192,10 @@ def test_flags_given_as_name_equals_value_count_as_given(monkeypatch):
     assert training_args.include_num_input_tokens_seen == "no" and training_args.logging_nan_inf_filter is True
     # No shell expands ~ in a YAML value or after =; transformers would take it for a Hub id.
     assert model_args.model_name_or_path == "/home/someone/models/swallow"
+
+
+def test_lora_tells_ddp_every_parameter_gets_a_gradient_unless_a_flag_says_otherwise():
+    assert parse_input_arguments({}, BASE + ["--use_lora"])[2].ddp_find_unused_parameters is False
+    assert parse_input_arguments({}, BASE)[2].ddp_find_unused_parameters is None  # full: the Trainer decides
+    assert parse_input_arguments({}, BASE + ["--use_lora", "--ddp_find_unused_parameters=true"])[
+        2].ddp_find_unused_parameters is True

@@ -263,3 +263,26 @@ def test_a_ctrl_c_before_training_ends_in_one_line(interrupt):
                             text=True, timeout=120)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == "aborted before training started"
+
+
+def test_two_ddp_ranks_train_lora_under_the_torch_distributed_launcher(tiny_model, tmp_path):
+    """experiments/swallow_13b.yaml's path in miniature: plain DDP (gloo), two ranks, LoRA. DDP is told that every
+    parameter it syncs gets a gradient (the Trainer would have it search the autograd graph each step, and PyTorch
+    warns when that search finds nothing); a LoRA parameter left without one would stop the second step instead."""
+    text = (REPO / CONFIG).read_text(encoding="utf-8")
+    config = tmp_path / "ddp.yaml"
+    config.write_text(text.replace("slots_per_trial: 1", "slots_per_trial: 2").replace(
+        "\n  python3 run_clm.py", "\n  python3 -m determined.launch.torch_distributed\n  python3 run_clm.py"))
+    result = run_clm("--config", config, "--runs_dir", tmp_path, "--max_steps", 20, "--save_steps", 10,
+                     "--eval_steps", 10, "--logging_steps", 5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching 2 processes" in result.stderr and "--nproc_per_node=2" in result.stderr
+    assert "find_unused_parameters=True" not in result.stderr
+    assert result.stdout.count("Finished at step 20") == 1
+    run_dir = tmp_path / "local_tiny"
+    training = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["group"] == "training"]
+    assert [r["steps_completed"] for r in training] == [5, 10, 15, 20]
+    assert training[-1]["loss"] < training[0]["loss"]
+    steps = checkpoint_steps(run_dir / "checkpoints")
+    assert list(steps.values()) == [20]
+    assert (run_dir / "checkpoints" / next(iter(steps)) / "checkpoint-20" / "adapter_model.safetensors").exists()
