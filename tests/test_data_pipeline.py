@@ -380,7 +380,8 @@ def test_a_token_is_trained_exactly_when_it_overlaps_a_trained_span():
         length = rng.randint(1, 12)
         cuts = sorted(rng.sample(range(length + 1), rng.randint(2, min(6, length + 1))))
         spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if rng.random() < 0.6]
-        offsets = [tuple(sorted((rng.randint(0, length), rng.randint(0, length)))) for _ in range(rng.randint(1, 8))]
+        offsets = [tuple(sorted((rng.randint(-2, length + 3), rng.randint(-2, length + 3))))
+                   for _ in range(rng.randint(1, 8))]
         ids = list(range(1, len(offsets) + 1))
         expected = [i if any(a < end and b > begin for begin, end in spans) else IGNORE
                     for i, (a, b) in zip(ids, offsets)]
@@ -403,3 +404,13 @@ def test_one_batch_tokenises_each_run_of_text_as_one_string(tokenizer):
     assert tokenizer.decode([t for t in batch[0][1] if t != IGNORE]) == "答え: 2</s>"
     assert batch[1] == batch[2] == ([], [])
     assert batch[3][0] == tokens("xy") and batch[4] == ([5], [5])
+
+
+def test_an_empty_split_is_named_in_one_line():
+    from datasets import Dataset
+
+    from swallow_ft.data.loading import keep_trainable
+
+    empty = Dataset.from_dict({"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": [], "key": []})
+    with pytest.raises(UserError, match=r"^train.jsonl: the split has no rows"):
+        keep_trainable(empty, "train.jsonl", data_args())

@@ -240,6 +240,8 @@ def columns(dataset: Dataset, *names: str) -> Tuple[np.ndarray, ...]:
 
 def keep_trainable(dataset: Dataset, source: str, data_args: DataTrainingArguments) -> Dataset:
     """Apply the over-long policy and drop rows that would train nothing, saying how many and why."""
+    if len(dataset) == 0:
+        raise UserError(f"{source}: the split has no rows: give data with examples in it")
     bad, truncated, n_train = columns(dataset, "bad", "truncated", "n_train")
     drop_truncated = data_args.overlong == "drop"
     empty = ~bad & (n_train == 0)
@@ -284,45 +286,49 @@ def without_leaks(validation: Dataset, train: Dataset, source: str, held_out: bo
 
 def build_datasets(data_args: DataTrainingArguments, training_args: TrainingArguments,
                    tokenizer: PreTrainedTokenizerBase, model_name: str, cache_dir=None) -> PreparedData:
+    """The main process builds first (download, tokenising, split, packing), filling the datasets cache at each step;
+    the other ranks then read it, instead of all downloading and tokenising at once (which on big data outlasts the
+    NCCL timeout). --overwrite_cache rebuilds on the main process only."""
+    with training_args.main_process_first(desc="building the datasets"):
+        return _build(data_args, tokenizer, model_name, cache_dir,
+                      rebuild=data_args.overwrite_cache and training_args.local_process_index == 0)
+
+
+def _build(data_args: DataTrainingArguments, tokenizer: PreTrainedTokenizerBase, model_name: str, cache_dir,
+           rebuild: bool) -> PreparedData:
     raw = load_raw_datasets(data_args, cache_dir)
     train_source = source_name(data_args, "train")
     shape = detect_shape(raw["train"].column_names, train_source, data_args.dataset_shape)
     fmt = choose_format(data_args.prompt_format, model_name, tokenizer, shape)
     block_size = data_args.block_size or min(tokenizer.model_max_length, 2048)
-
     held_out = "validation" not in raw
     if held_out and not 0 < data_args.validation_split_percentage < 100:
         raise UserError("no validation split: give --validation_file or a --validation_split_percentage in 1..99")
 
-    # The main process builds the splits first, filling the datasets cache at each step; the other ranks then read
-    # it instead of all tokenising and packing at once (which on big data outlasts the NCCL timeout).
-    rebuild = data_args.overwrite_cache and training_args.local_process_index == 0
-    with training_args.main_process_first(desc="tokenising"):
-        splits = {split: keep_trainable(encode_split(ds, source_name(data_args, split), shape, fmt, tokenizer,
-                                                     data_args, block_size, rebuild),
-                                        source_name(data_args, split), data_args)
-                  for split, ds in raw.items() if split in ("train", "validation")}
-        if held_out:
-            split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
-            splits = {"train": split["train"], "validation": split["test"]}
-        if data_args.max_train_samples:
-            splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
-        # Against the examples actually trained on, and before max_eval_samples so that it still gives that many.
-        validation_source = f"{train_source} (held out)" if held_out else source_name(data_args, "validation")
-        splits["validation"] = without_leaks(splits["validation"], splits["train"], validation_source, held_out)
-        if data_args.max_eval_samples:
-            splits["validation"] = splits["validation"].select(
-                range(min(data_args.max_eval_samples, len(splits["validation"]))))
-        splits = {name: ds.remove_columns("key") for name, ds in splits.items()}
-        logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
-                    train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
+    splits = {split: keep_trainable(encode_split(ds, source_name(data_args, split), shape, fmt, tokenizer, data_args,
+                                                 block_size, rebuild), source_name(data_args, split), data_args)
+              for split, ds in raw.items() if split in ("train", "validation")}
+    if held_out:
+        split = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=42)
+        splits = {"train": split["train"], "validation": split["test"]}
+    if data_args.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+    # Against the examples actually trained on, and before max_eval_samples so that it still gives that many.
+    validation_source = f"{train_source} (held out)" if held_out else source_name(data_args, "validation")
+    splits["validation"] = without_leaks(splits["validation"], splits["train"], validation_source, held_out)
+    if data_args.max_eval_samples:
+        splits["validation"] = splits["validation"].select(
+            range(min(data_args.max_eval_samples, len(splits["validation"]))))
+    splits = {name: ds.remove_columns("key") for name, ds in splits.items()}
+    logger.info("data: %s (%s rows) in prompt format %s, %d train / %d validation examples, block_size %d",
+                train_source, shape, fmt.name, len(splits["train"]), len(splits["validation"]), block_size)
 
-        efficiency = None
-        if data_args.packing:
-            splits = {name: pack(ds, block_size, rebuild) for name, ds in splits.items()}
-            efficiency = packing_efficiency(splits["train"], block_size)
-            logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
-                        len(splits["train"]), block_size, 100 * efficiency)
+    efficiency = None
+    if data_args.packing:
+        splits = {name: pack(ds, block_size, rebuild) for name, ds in splits.items()}
+        efficiency = packing_efficiency(splits["train"], block_size)
+        logger.info("packing: %d train rows of %d slots, %.1f%% filled with real tokens",
+                    len(splits["train"]), block_size, 100 * efficiency)
     return PreparedData(splits["train"], splits["validation"], fmt, shape, efficiency, block_size,
                         fmt.system_prompt(data_args.system_prompt))
 
