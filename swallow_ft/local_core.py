@@ -10,6 +10,7 @@ like a Determined preemption.
 import json
 import logging
 import math
+import shutil
 import signal
 from dataclasses import fields
 from pathlib import Path
@@ -276,3 +277,23 @@ def check_same_run(run_dir: Path, registry_path: Path, flags: List[str], parsed:
 def record_flags(recorded_path: Path, flags: List[str], parsed: Sequence[Any]) -> None:
     Path(recorded_path).parent.mkdir(parents=True, exist_ok=True)
     Path(recorded_path).write_text(json.dumps(run_settings(flags, parsed), indent=1, sort_keys=True))
+
+
+def start_over(job) -> None:
+    """--fresh: forget this experiment's checkpoints, metrics and comparison report (and only this experiment's).
+    job: a runtime.Job."""
+    if job.checkpoint_dir == job.run_dir / "checkpoints":
+        remove(job.checkpoint_dir)  # our own directory
+    else:  # storage named by the YAML may hold other experiments' checkpoints too
+        for row in read_jsonl(job.registry_path):
+            remove(job.checkpoint_dir / row["storage_id"])
+    for stale in (job.registry_path, job.metrics_path, job.tensorboard_dir, job.run_dir / "flags.json",
+                  job.run_dir / "comparison"):
+        remove(stale)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

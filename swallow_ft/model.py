@@ -24,11 +24,25 @@ def check_local_model_path(name: str) -> None:
         raise UserError(f"--model_name_or_path {name}: no such directory{hint}")
 
 
+def from_pretrained(load, name: str, flag: str = "--model_name_or_path", **kwargs):
+    """load(name, **kwargs), with the Hub's failures (offline and not cached, no such repo, a gated repo without a
+    token) as one line: transformers raises them as a multi-line OSError, which would end the run in a traceback."""
+    try:
+        return load(name, **kwargs)
+    except OSError as exc:
+        if Path(name).exists():  # a local folder: a broken file in it is not a Hub problem
+            raise
+        raise UserError(f"{flag} {name}: {' '.join(str(exc).split())} (a Hub id is read from the HF cache when "
+                        "offline; a gated model needs HF_TOKEN or `hf auth login`)") from exc
+
+
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
-    check_local_model_path(model_args.tokenizer_name or model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    check_local_model_path(name)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name,
+                                "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+                                cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # Padding with EOS would mask EOS out of the loss and the model would never learn to stop.
         # Swallow (Llama-2 vocabulary) pads with <unk>, id 0; Llama-3.1 has a reserved pad token.
@@ -110,10 +124,10 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, pac
     attention = choose_attention(model_args.attn_implementation, packing)
     if attention != model_args.attn_implementation:
         logger.info("attention: %s (--attn_implementation %s)", attention, model_args.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-        dtype=resolve_dtype(model_args, training_args), attn_implementation=attention,
-        trust_remote_code=model_args.trust_remote_code)
+    model = from_pretrained(
+        AutoModelForCausalLM.from_pretrained, model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision, dtype=resolve_dtype(model_args, training_args),
+        attn_implementation=attention, trust_remote_code=model_args.trust_remote_code)
     # The KV cache is for generation; in training it costs memory and breaks packed attention.
     model.config.use_cache = False
     if model_args.use_lora:

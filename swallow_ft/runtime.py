@@ -11,7 +11,6 @@ Core API storage under runs/<name>/checkpoints, and resume from the newest one o
 import argparse
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,8 @@ from swallow_ft.local_core import (
     abort_message,
     check_same_run,
     latest_checkpoint,
-    read_jsonl,
+    remove,
+    start_over,
     truncate_metrics,
 )
 from swallow_ft.preflight import startup_checks
@@ -176,14 +176,15 @@ def prepare_local(argv: Sequence[str], launched: bool) -> Job:
     job = Job(experiment=experiment, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
     launcher = not launched and needs_launcher(experiment, flags)
     # Everything that can refuse the flags, data or model comes before the run directory is touched: --fresh deletes
-    # its checkpoints, and a mistyped flag must not cost them.
+    # its checkpoints, and a mistake must not cost them.
     parsed = _parse_and_check(flags, experiment, launcher)
     if not launched:
         # Only the first process touches the run directory: children find it ready.
         check_gpus(job, flags)
         if cmd.fresh:
+            read_inputs(*parsed)
             start_over(job)
-        _remove(run_dir / "output")
+        remove(run_dir / "output")
         check_same_run(job.run_dir, job.registry_path, flags, parsed)
     if not launcher:
         job.model_args, job.data_args, job.training_args = parsed
@@ -205,7 +206,7 @@ def _parse_and_check(flags: List[str], experiment: Optional[Experiment], launche
     else:
         parsed = parse_input_arguments({}, flags)
         startup_checks(*parsed)
-    # The model and data are first read once the run directory is set up: a path not there is caught before that.
+    # A path not there is caught here; what is in the files is read by the run itself (or first, by read_inputs).
     model_args, data_args, _ = parsed
     for name in filter(None, (model_args.tokenizer_name, model_args.model_name_or_path)):
         check_local_model_path(name)
@@ -225,22 +226,36 @@ def check_gpus(job: Job, flags: List[str]) -> None:
                         "on the CPU, or lower slots_per_trial")
 
 
-def start_over(job: Job) -> None:
-    """--fresh: forget this experiment's checkpoints and metrics (and only this experiment's)."""
-    if job.checkpoint_dir == job.run_dir / "checkpoints":
-        _remove(job.checkpoint_dir)  # our own directory
-    else:  # storage named by the YAML may hold other experiments' checkpoints too
-        for row in read_jsonl(job.registry_path):
-            _remove(job.checkpoint_dir / row["storage_id"])
-    for stale in (job.registry_path, job.metrics_path, job.tensorboard_dir, job.run_dir / "flags.json"):
-        _remove(stale)
+def read_inputs(model_args, data_args, training_args) -> None:
+    """Read what could still refuse the run after it starts: the tokenizer, the model's config and every data row.
+    --fresh does this before deleting anything; the datasets cache keeps the tokens for the run itself."""
+    from transformers import AutoConfig
+
+    from swallow_ft.data import build_datasets
+    from swallow_ft.model import from_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(model_args)
+    from_pretrained(AutoConfig.from_pretrained, model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+                    revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code)
+    build_datasets(data_args, training_args, tokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+# torchrun, but a rank that stopped ends it in one line, not in torchrun's traceback and report: exit 2 (a UserError,
+# which rank 0 has printed) quietly, any other failure as the rank, exit code or signal and where its output is.
+TORCHRUN = """
+import logging, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as failed:
+    rank, first = failed.get_first_failure()
+    if first.exitcode != 2:
+        how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        print(f"error: rank {rank} stopped with {how}; its output is above", file=sys.stderr)
+    sys.exit(first.exitcode if 0 < first.exitcode < 128 else 1)
+"""
 
 
 def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
@@ -251,11 +266,11 @@ def relaunch(job: Job, argv: Sequence[str], script: str) -> int:
     Ctrl-C reaches only us, and it is told to die with us if we are killed outright.
     """
     nproc = job.experiment.slots_per_trial if job.experiment else 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}",
            script, *[a for a in argv if a != "--fresh"]]
     preempt_file = job.run_dir / "output" / ".preempt"
     preempt_file.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("launching %d processes: %s", nproc, " ".join(cmd))
+    logger.info("launching %d processes: torchrun %s", nproc, " ".join(cmd[3:]))
     env = {**os.environ, LAUNCHED_ENV: "1", PREEMPT_FILE_ENV: str(preempt_file), PORTS_ENV: _free_ports(2)}
     child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -326,8 +341,8 @@ def core_context(job: Job) -> Iterator[det.core.Context]:
         truncate_metrics(job.metrics_path, resumed_at)
         context.train.purge_step = resumed_at + 1
     elif context.distributed.rank == 0:  # nothing to resume: what an earlier, killed attempt reported is void
-        _remove(job.metrics_path)
-        _remove(job.tensorboard_dir)
+        remove(job.metrics_path)
+        remove(job.tensorboard_dir)
     try:
         with context:
             yield context

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, checkpoint_steps, read_metrics, registered_steps, run_clm
 
 ARGS = ["--config", "experiments/local_tiny_ds3.yaml", "--max_steps", 30, "--save_steps", 10, "--eval_steps", 10,
@@ -98,3 +100,29 @@ def test_a_second_ctrl_c_aborts_every_rank_even_beside_another_runs_ports(tiny_m
     time.sleep(5)  # orphaned ranks would have finished their save and registered it by now
     assert registered_steps(tmp_path / "local_tiny_ds3") == before
     assert "launching 2 processes" in log_path.read_text()
+
+
+def test_a_data_error_in_two_ranks_ends_in_its_one_line(tiny_model, tmp_path):
+    """Not in torchrun's ChildFailedError traceback and report, which used to follow the rank's own error line."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"message_1": "q", "message_2": "a"}\n{broken\n', encoding="utf-8")
+    result = run_clm("--config", "experiments/local_tiny_ds3.yaml", "--runs_dir", tmp_path, "--train_file", broken)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "launching 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert f"error: {broken} line 2: not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize("ending, line, code", [
+    ("sys.exit(3)", "error: rank 0 stopped with exit code 3; its output is above", 3),
+    ("os.kill(os.getpid(), signal.SIGKILL)", "error: rank 0 stopped with signal SIGKILL; its output is above", 1),
+])
+def test_a_rank_that_crashes_is_named_with_its_exit_code_or_signal(tmp_path, ending, line, code):
+    from swallow_ft.runtime import TORCHRUN
+
+    script = tmp_path / "rank.py"
+    script.write_text(f"import os, signal, sys\nprint('rank output')\n{ending}\n")
+    result = subprocess.run([sys.executable, "-c", TORCHRUN, "--standalone", "--nproc_per_node=1", str(script)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == code and "rank output" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == line and "Traceback" not in result.stderr, result.stderr

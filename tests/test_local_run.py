@@ -216,6 +216,31 @@ def test_fresh_with_a_mistake_refuses_before_deleting_anything(tiny_model, tmp_p
             assert read_metrics(run_dir / "metrics.jsonl") == metrics
 
 
+def test_fresh_reads_the_data_and_the_model_before_deleting_anything(tiny_model, tmp_path):
+    """The files exist but cannot be used: a broken line, a Hub id that is neither cached nor reachable. --fresh used
+    to delete the checkpoints, then stop on them."""
+    assert run_clm(*SHORT, "--runs_dir", tmp_path).returncode == 0
+    run_dir = tmp_path / "local_tiny"
+    (run_dir / "comparison").mkdir()
+    files, steps = _run_files(run_dir), registered_steps(run_dir)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text((REPO / "data/camel_math_ja.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n{broken\n",
+                      encoding="utf-8")
+    mistakes = [
+        (("--train_file", str(broken)), rf"error: {re.escape(str(broken))} line 2: not valid JSON"),
+        (("--model_name_or_path", "tokyotech-llm/Swallow-7b-instruct-v0.1"),
+         r"error: --model_name_or_path tokyotech-llm/Swallow-7b-instruct-v0\.1: We couldn't connect to"),
+    ]
+    for mistake, message in mistakes:
+        result = run_clm(*SHORT, "--runs_dir", tmp_path, *mistake, "--fresh", env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.match(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+        assert _run_files(run_dir) == files and registered_steps(run_dir) == steps
+        assert (run_dir / "comparison").is_dir()
+    assert run_clm(*SHORT, "--runs_dir", tmp_path, "--fresh").returncode == 0
+    assert not (run_dir / "comparison").exists()  # the report of the checkpoints --fresh deleted
+
+
 def test_the_same_flags_spelled_differently_resume(tiny_model, tmp_path):
     assert run_clm(*SHORT, "--runs_dir", tmp_path).returncode == 0
     again = run_clm(*SHORT, "--runs_dir", tmp_path, "--learning-rate", "0.005", "--use_lora", "true",
