@@ -352,9 +352,10 @@ class DetCallback(TrainerCallback):
     def summary(self, state: TrainerState) -> Dict[str, Any]:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
         self.clock.read()
-        # A rerun of a finished run trains and evaluates nothing; its checkpoint's log has the evaluations.
-        eval_losses = [loss for _, loss in self.eval_history] or [
-            log["eval_loss"] for log in state.log_history if "eval_loss" in log]
+        # The whole run's, from the log a resumed run restored with its checkpoint (a rerun of a finished run
+        # evaluates nothing itself), not only this process's evaluations.
+        eval_losses = [log["eval_loss"] for log in state.log_history if "eval_loss" in log] or [
+            loss for _, loss in self.eval_history]
         return {
             "steps_completed": state.global_step,
             "preempted": self.preempted,

@@ -404,7 +404,8 @@ def print_summary(summary: Dict[str, Any], job: Job) -> None:
         f"{'Preempted' if summary['preempted'] else 'Finished'} at step {summary['steps_completed']}",
         f"  eval_loss   first {loss(summary['first_eval_loss'])}  ->  last {loss(summary['last_eval_loss'])}",
         f"  checkpoint  {where}",
-        f"  throughput  {'n/a' if tokens is None else f'{tokens:,.0f}'} tokens/s (non-padding, training steps only)",
+        f"  throughput  {'nothing trained' if tokens is None else f'{tokens:,.0f} tokens/s'}"
+        + ("" if tokens is None else " (non-padding, training steps only)"),
     ]
     if job.is_local:
         lines.append(f"  metrics     {job.metrics_path}  (tensorboard --logdir {job.tensorboard_dir})")

@@ -136,6 +136,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
     uninterrupted = run_clm(*args[:3], tmp_path / "uninterrupted", *args[4:])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     resumed, straight = (_final_adapter(runs / "local_tiny", steps) for runs in (tmp_path, tmp_path / "uninterrupted"))
+    # The summary's first eval_loss is the whole run's, not the first since the resume.
+    assert [line for line in result.stdout.splitlines() if "eval_loss   first" in line] == [
+        line for line in uninterrupted.stdout.splitlines() if "eval_loss   first" in line]
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[name], straight[name]) for name in resumed)
 
