@@ -272,6 +272,20 @@ def check_same_run(run_dir: Path, registry_path: Path, flags: List[str], parsed:
     if changed:
         raise UserError(f"{run_dir} holds checkpoints trained with other flags ({'; '.join(changed)}): pass "
                         "--fresh to start over, or --runs_dir DIR to keep both")
+    if warn_of_a_new_schedule(recorded, run_settings(flags, parsed)["values"]):
+        record_flags(recorded, flags, parsed)  # the next resume compares with this length
+
+
+def warn_of_a_new_schedule(recorded_path: Path, now: Dict[str, Any]) -> bool:
+    """--max_steps and --num_train_epochs may change on resume, but the Trainer then lays the learning-rate schedule
+    over the new length: past the warm-up, the rate at the resumed step is not the one the checkpoint left."""
+    before = (_read_settings(recorded_path) or {}).get("values", {})
+    changed = [f"--{name} {_show(before[name])} -> {_show(now[name])}" for name in ("max_steps", "num_train_epochs")
+               if name in before and before[name] != now.get(name)]
+    if changed and now.get("lr_scheduler_type") not in ("constant", "constant_with_warmup"):
+        logger.warning("resuming with %s: the %s learning-rate schedule is recomputed for the new length, so the rate "
+                       "changes at the resumed step", "; ".join(changed), now.get("lr_scheduler_type"))
+    return bool(changed)
 
 
 def record_flags(recorded_path: Path, flags: List[str], parsed: Sequence[Any]) -> None:

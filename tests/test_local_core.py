@@ -155,3 +155,19 @@ def test_the_abort_line_names_the_step_a_rerun_resumes_from(tmp_path):
                 for s, n in (("a", 20), ("b", 40))))
     assert abort_message(tmp_path / "checkpoints.jsonl") == (
         "aborted: no checkpoint saved after step 40; a rerun resumes from there")
+
+
+@pytest.mark.parametrize("scheduler, warned", [("cosine", True), ("constant", False)])
+def test_a_resume_with_another_length_warns_that_the_schedule_changes(tmp_path, caplog, scheduler, warned):
+    from swallow_ft.arguments import parse_input_arguments
+    from swallow_ft.local_core import check_same_run, record_flags, write_jsonl
+
+    first = BASE + ["--max_steps", "300", "--lr_scheduler_type", scheduler]
+    record_flags(tmp_path / "flags.json", first, parse_input_arguments({}, first))
+    write_jsonl(tmp_path / "checkpoints.jsonl", [{"storage_id": "x", "steps_completed": 300}])
+    longer = BASE + ["--max_steps", "340", "--lr_scheduler_type", scheduler]
+    for _ in range(2):  # the second resume with 340 steps is not warned again
+        check_same_run(tmp_path, tmp_path / "checkpoints.jsonl", longer, parse_input_arguments({}, longer))
+    expected = [f"resuming with --max_steps 300 -> 340: the {scheduler} learning-rate schedule is recomputed for the "
+                "new length, so the rate changes at the resumed step"] if warned else []
+    assert [r.getMessage() for r in caplog.records if r.name == "swallow_ft.local"] == expected
