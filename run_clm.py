@@ -22,7 +22,7 @@ if __name__ == "__main__":  # a Ctrl-C in the seconds the imports below take end
 from transformers import set_seed
 
 from hf_callback import DetCallback
-from swallow_ft import runtime
+from swallow_ft import launch, runtime
 from swallow_ft.arguments import dict2args, parse_input_arguments  # noqa: F401  (the seed's public helpers)
 from swallow_ft.data import build_collator, build_datasets
 from swallow_ft.errors import UserError
@@ -59,7 +59,7 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
 def run(argv) -> int:
     job = runtime.prepare(argv)
     if job.training_args is None:  # a local multi-process run: start the ranks under torchrun
-        return runtime.relaunch(job, argv, script=__file__)
+        return launch.relaunch(job, argv, script=__file__)
     with runtime.core_context(job) as core_context:
         det_callback = DetCallback(
             core_context, job.training_args,

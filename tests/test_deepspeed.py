@@ -119,7 +119,7 @@ def test_a_data_error_in_two_ranks_ends_in_its_one_line(tiny_model, tmp_path):
     ("os.kill(os.getpid(), signal.SIGKILL)", "error: rank 0 stopped with signal SIGKILL; its output is above", 1),
 ])
 def test_a_rank_that_crashes_is_named_with_its_exit_code_or_signal(tmp_path, ending, line, code):
-    from swallow_ft.runtime import TORCHRUN
+    from swallow_ft.launch import TORCHRUN
 
     script = tmp_path / "rank.py"
     script.write_text(f"import os, signal, sys\nprint('rank output')\n{ending}\n")
