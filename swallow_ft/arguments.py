@@ -5,6 +5,7 @@ occurrence): the entrypoint's arguments after `run_clm.py`, `hyperparameters.tra
 (the Determined searcher's sampled values), and, in local mode, the user's command-line overrides.
 """
 
+import argparse
 import difflib
 import functools
 import os
@@ -125,6 +126,16 @@ class _Parser(HfArgumentParser):
 
     def error(self, message):  # argparse would print the whole usage and exit; one line is enough
         raise UserError(f"run_clm.py: {message}")
+
+    def _check_value(self, action, value):
+        # argparse lists the choices but leaves the user to spot the near miss: --prompt_format llama-3 for llama3.
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}; did you mean {close[0]}?") from None
 
 
 def dict2args(hparams: Dict[str, Any]) -> List[str]:

@@ -37,6 +37,22 @@ SH_DOUBLE_QUOTED = re.compile(r"""
   | (?P<substitution>\$\(|`)
   | (?P<text>(?:[^\\$`]|\$(?!\())+|\\)
 """, re.VERBOSE | re.DOTALL)
+# PyYAML's problems whose cause is known, matched on its problem text: (pattern, the cause in plain words, the fix).
+# {start} is where the construct the problem is in begins (its context mark): where to look for a missing quote.
+YAML_PROBLEMS = [(re.compile(pattern), what, fix) for pattern, what, fix in (
+    (r"found character '\\t'", "a tab character, which YAML does not allow here", "indent with spaces, not tabs"),
+    (r"found character '(?P<char>.+)' that cannot start any token", "YAML reserves {char} at the start of a value",
+     "quote the value"),
+    (r"mapping values are not allowed here", "a `key:` where no key can start (a wrong indent, or ': ' inside a value)",
+     "indent it like the keys beside it, or quote the value"),
+    (r"expected <block end>", "a line that does not fit the block above it (an indent that lines up with no key, "
+     "or a key among - items)", "line it up with the keys or - items it belongs with"),
+    (r"found unexpected end of stream", "the quote opened at {start} never closes", "close it"),
+    (r"expected ',' or '\]'", "the [ list opened at {start} lacks a ',' between items or its closing ]", "add it"),
+    (r"expected ',' or '}'", "the {{ mapping opened at {start} lacks a ',' between items or its closing }}", "add it"),
+    (r"found undefined alias '(?P<name>.*)'", "*{name} names no &{name} anchor above it",
+     "define the anchor first, or quote the value"),
+)]
 
 
 def shell_words(text: str, where: str, expand: bool = True) -> List[str]:
@@ -113,6 +129,21 @@ def _expand(parts: List[tuple]) -> str:
     return os.path.expanduser(word) if tilde else word
 
 
+def yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: the file, line and column, the problem in plain words, and the fix if known."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:  # a ReaderError (a control character in the file) has no line and column
+        return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+    problem, begun = exc.problem or "", exc.context_mark
+    start = f"line {(begun or mark).line + 1}, column {(begun or mark).column + 1}"
+    where = f"{path} line {mark.line + 1}, column {mark.column + 1}: not valid YAML"
+    for pattern, what, fix in YAML_PROBLEMS:
+        found = pattern.match(problem)
+        if found:
+            return f"{where}: {what.format(start=start, **found.groupdict())}: {fix}"
+    return f"{where}: {problem}" + (f" ({exc.context} from {start})" if exc.context and begun else "")
+
+
 @dataclass
 class Experiment:
     path: Path
@@ -126,7 +157,7 @@ class Experiment:
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+            raise UserError(yaml_problem(path, exc)) from exc
         if not isinstance(config, dict):
             raise UserError(f"{path}: expected a mapping of experiment settings at the top level")
         return cls(path, config)

@@ -34,6 +34,7 @@ STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REBUILD_FIX = "re-save with ds_configs/ds_config_stage_3.json"
+RUN_FILES = ("checkpoints.jsonl", "checkpoints", "flags.json", "metrics.jsonl")  # what a local run writes
 
 
 # ----- where the checkpoint is ------------------------------------------------------------------
@@ -62,7 +63,7 @@ def _checkpoint_in(path: Path) -> Path:
     steps = {int(m.group(1)): p for p in path.glob("checkpoint-*") if p.is_dir() and (m := STEP_RE.match(p.name))}
     if (path / "metadata.json").is_file() and steps:
         return steps[max(steps)]  # a Determined checkpoint: our callback uploads one checkpoint-N/ into it
-    if (path / "checkpoints.jsonl").is_file() or (path / "checkpoints").is_dir():
+    if any((path / name).exists() for name in RUN_FILES):  # flags.json alone: a run that failed before saving
         return _latest_of_run(path)
     raise UserError(f"{path}: not a checkpoint (no adapter_config.json, config.json, checkpoint-N/ or "
                     "checkpoints.jsonl); pass a checkpoint-N directory or a run directory such as runs/local_tiny")
@@ -72,8 +73,8 @@ def _latest_of_run(run_dir: Path) -> Path:
     """A local run's newest registered checkpoint, as resuming would pick it."""
     latest = latest_checkpoint(run_dir / "checkpoints.jsonl")
     if latest is None:
-        raise UserError(f"{run_dir}/checkpoints.jsonl: no finished checkpoint registered; train until one is "
-                        "saved, or pass a checkpoint directory")
+        raise UserError(f"{run_dir}: the run has no finished checkpoint yet; train until it saves one, or pass a "
+                        "checkpoint-N directory")
     ckpt = run_dir / "checkpoints" / latest["storage_id"]
     if not ckpt.is_dir():
         # The YAML's checkpoint_storage may put checkpoints elsewhere; that directory + UUID still works.
@@ -160,8 +161,7 @@ def load_adapter(ckpt_dir: Path) -> tuple:
     if not weights.is_file():
         raise UserError(f"{weights}: missing; the checkpoint has {config_path.name} but no adapter weights")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    state = load_file(str(weights))
-    empty = empty_tensors(weights)
+    state, empty = load_file(str(weights)), empty_tensors(weights)
     if state and not empty:
         return config, state, ""
     tag = _zero_tag(ckpt_dir)

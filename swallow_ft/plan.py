@@ -47,6 +47,9 @@ ZERO3_OVERHEAD_S_PER_BILLION = 0.057
 EXACT_BATCH_SLACK = 0.10
 DS_CONFIGS = {2: "ds_configs/ds_config_stage_2.json", 3: "ds_configs/ds_config_stage_3.json"}
 OFFLOAD_CONFIG = "ds_configs/ds_config_stage_3_offload.json"
+# DeepSpeed's estimate_zero3_model_states_mem_needs multiplies the host memory of offload by this (its default
+# additional_buffer_factor) for the buffers that the model states alone do not count.
+HOST_BUFFER_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def plan(shape: memory.ModelShape, gpus: int, gpu_mem: float, seq: int, lora: bo
     fastest = max(plans, key=rank)
     exact = max((p for p in plans if p.global_batch == global_batch), key=rank, default=None)
     chosen = exact if exact is not None and rank(exact)[0] >= (1 - EXACT_BATCH_SLACK) * rank(fastest)[0] else fastest
-    chosen.reasons = _reasons(shape, chosen, gpus, gpu_mem, lora, exact)
+    chosen.reasons = _reasons(shape, chosen, gpus, gpu_mem, lora_r if lora else None, exact)
     return chosen
 
 
@@ -161,11 +164,25 @@ def _batch_reason(chosen: Plan, gpus: int, exact: Optional[Plan]) -> str:
     return f"global batch {chosen.global_batch}, not the {asked} asked ({how}): {why}"
 
 
-def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: Optional[Plan]) -> List[str]:
+def offloaded_bytes(shape, setting: Setting, gpus: int, lora_r: Optional[int]) -> tuple:
+    """(16-bit weights, optimizer state with its fp32 gradients): the bytes that offload keeps in host memory, for
+    all GPUs together. By the memory model the plan fits with: what offloading takes off the GPUs."""
+    on_gpu, offloaded = (memory.estimate(shape, gpus=gpus, zero_stage=setting.zero_stage, micro_batch=1, seq_len=1,
+                                         lora_r=lora_r, gradient_checkpointing=False, offload_optimizer=off,
+                                         offload_params=off) for off in (False, True))
+    return (gpus * (on_gpu.weights - offloaded.weights),
+            gpus * (on_gpu.gradients + on_gpu.optimizer - offloaded.gradients - offloaded.optimizer))
+
+
+def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora_r: Optional[int], exact: Optional[Plan]
+             ) -> List[str]:
     s = chosen.setting
     weights_gib = 2 * shape.total_params / memory.GiB
     reasons = []
-    if s.zero_stage == 3:
+    if s.zero_stage == 3 and gpus == 1:  # nothing to shard on one GPU: ZeRO-3 is what offloads parameters
+        reasons.append(f"ZeRO-3 on one GPU: the 16-bit weights ({weights_gib:.0f} GiB) do not fit beside the rest on "
+                       f"the {gpu_mem:g} GiB GPU, and ZeRO-3 lets offload move parameters to the CPU")
+    elif s.zero_stage == 3:
         reasons.append(f"ZeRO-3: the 16-bit weights ({weights_gib:.0f} GiB) do not fit beside the rest on one "
                        f"{gpu_mem:g} GiB GPU, so they are sharded {gpus} ways")
         reasons.append(f"micro-batch {s.micro_batch}: compute {chosen.compute_s * 1e3:.0f} ms per micro-step vs "
@@ -180,13 +197,20 @@ def _reasons(shape, chosen: Plan, gpus: int, gpu_mem: float, lora: bool, exact: 
     if s.checkpointing:
         reasons.append("activation checkpointing: without it the activations of this micro-batch do not fit")
     if s.offload:
-        moved = chosen.gather_s + chosen.pcie_s
-        verdict = "PCIe and the gathers dominate" if moved > chosen.compute_s else "compute hides them"
-        reasons.append(f"CPU offload: nothing fits the GPUs without it. The weight shards cross PCIe before every "
-                       f"forward and backward ({chosen.pcie_s * 1e3:.0f} ms per micro-step, then "
-                       f"{chosen.gather_s * 1e3:.0f} ms of all-gather, vs {chosen.compute_s * 1e3:.0f} ms of "
-                       f"compute: {verdict}); they and the optimizer state take pinned host memory, "
-                       f"{weights_gib / gpus:.0f} GiB per GPU for the weights alone")
+        sharded = gpus > 1  # one GPU has no shards to gather
+        moved, gathers = ("weight shards", f", then {chosen.gather_s * 1e3:.0f} ms of all-gather") if sharded \
+            else ("weights", "")
+        verdict = ("compute hides them" if chosen.gather_s + chosen.pcie_s <= chosen.compute_s
+                   else "PCIe and the gathers dominate" if sharded else "PCIe dominates")
+        reasons.append(f"CPU offload: nothing fits the GPU{'s' * sharded} without it. The {moved} cross PCIe before "
+                       f"every forward and backward ({chosen.pcie_s * 1e3:.0f} ms per micro-step{gathers}, vs "
+                       f"{chosen.compute_s * 1e3:.0f} ms of compute: {verdict})")
+        weights, optimizer = (b / memory.GiB for b in offloaded_bytes(shape, s, gpus, lora_r))
+        per_gpu = f", {(weights + optimizer) / gpus:.0f} GiB per GPU" if gpus > 1 else ""
+        reasons.append(f"host RAM: offload keeps {weights + optimizer:.0f} GiB in pinned CPU memory{per_gpu} (16-bit "
+                       f"weights {weights:.0f} GiB, optimizer state and fp32 gradients {optimizer:.1f} GiB); "
+                       f"DeepSpeed's estimate_zero3_model_states_mem_needs multiplies that by {HOST_BUFFER_FACTOR:g} "
+                       f"for buffers: give the host {HOST_BUFFER_FACTOR * (weights + optimizer):.0f} GiB free")
     reasons.append(_batch_reason(chosen, gpus, exact))
     reasons.append("packing on: padding-free rows of --block_size, no cross-example attention")
     if not s.bf16:
@@ -314,7 +338,9 @@ def main(argv=None) -> int:
         for reason in chosen.reasons:
             print(f"  - {reason}")
         print("  flags: " + " ".join(flags))
-        if args.write:
+        if args.write and text == args.write.read_text():  # a rewrite would only touch its modification time
+            print(f"  {args.write} already has them (unchanged)")
+        elif args.write:
             args.write.write_text(text)
             print(f"  wrote them into {args.write}")
 

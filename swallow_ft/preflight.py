@@ -117,18 +117,49 @@ def check_deepspeed_config(path: Optional[Path], training_args, slots: int, foun
 
 
 def check_data(data_args, found: Findings) -> None:
+    import datasets
+
     from swallow_ft.data.loading import load_raw_datasets, source_name
     from swallow_ft.data.shapes import detect_shape
 
     if data_args.dataset_name:
         found.notes.append(f"dataset {data_args.dataset_name}: not checked offline (it is downloaded on the cluster)")
         return
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the report is one line per finding
     try:
         raw = load_raw_datasets(data_args)
-        for split, ds in raw.items():  # an empty file is refused by load_raw_datasets
-            detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
+        shapes = {split: detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
+                  for split, ds in raw.items()}  # an empty file is refused by load_raw_datasets
+        for split, ds in raw.items():  # in the train file's shape, as run_clm.py reads every split
+            check_rows(ds, source_name(data_args, split), shapes["train"], data_args.skip_bad_rows, found)
     except UserError as exc:
         found.problems.append(str(exc))
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def check_rows(dataset, source: str, shape: str, skip_bad_rows: bool, found: Findings) -> None:
+    """Every row through to_conversation, the first step of tokenising: run_clm.py stops at the first bad row, or
+    under --skip_bad_rows drops and counts them. Raises the first BadRow unless skip_bad_rows."""
+    from swallow_ft.data.loading import row_name
+    from swallow_ft.data.shapes import BadRow, to_conversation
+
+    bad, first = 0, None
+    for index, row in enumerate(dataset):
+        try:
+            to_conversation(row, shape, row_name(source, index))
+        except BadRow as exc:
+            if not skip_bad_rows:
+                raise
+            bad, first = bad + 1, first or str(exc)
+    if bad == len(dataset):
+        found.problems.append(f"{source}: every row is bad, so --skip_bad_rows leaves nothing to train on; the "
+                              f"first: {first}")
+    elif bad:
+        found.notes.append(f"{source}: {bad} of {len(dataset)} rows would be skipped as bad (--skip_bad_rows); "
+                           f"the first: {first}")
 
 
 def check_kernels(model_args, training_args, ds_config: dict, found: Findings, where: str,

@@ -49,7 +49,20 @@ def test_bad_flags_get_one_line_errors(flags, message):
         parse_input_arguments({}, BASE + flags)
 
 
-def test_a_hub_token_in_training_arguments_is_refused():
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt_format", "llama-3"], "--prompt_format/--prompt-format: invalid choice: 'llama-3' (choose from 'auto', "
+     "'swallow-instruct-v0.1', 'swallow-instruct-v0', 'llama3', 'chat_template', 'none'); did you mean llama3?"),
+    # a TrainingArguments enum, from transformers
+    (["--eval_strategy", "step"], "--eval_strategy/--eval-strategy: invalid choice: 'step' (choose from 'no', "
+     "'steps', 'epoch'); did you mean steps?"),
+    (["--torch_dtype", "xyzzy"], "--torch_dtype/--torch-dtype: invalid choice: 'xyzzy' (choose from 'auto', "
+     "'bfloat16', 'float16', 'float32')"),  # nothing close: no guess
+])
+def test_an_invalid_choice_names_the_closest_valid_one(flags, message):
+    with pytest.raises(UserError) as raised:
+        parse_input_arguments({}, BASE + flags)
+    assert str(raised.value) == f"run_clm.py: argument {message}"
+
     with pytest.raises(UserError, match="^--hub_token is refused: remove it"):
         parse_input_arguments({"training_arguments": {"hub_token": "hf_SECRET"}}, BASE)
 

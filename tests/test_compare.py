@@ -246,7 +246,8 @@ BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 1
 
 
 @pytest.mark.parametrize("flags, files, error", [
-    (["--prompts", "{tmp}/nope.jsonl"], {}, "{tmp}/nope.jsonl: data file not found"),
+    (["--prompts", "{tmp}/nope.jsonl"], {},
+     "{tmp}/nope.jsonl: data file not found: check the path given to --prompts"),
     (["--prompts", "{tmp}/text.jsonl"], {"text.jsonl": TEXT_ROWS},
      "{tmp}/text.jsonl: compare needs prompts with reference answers, not `text` rows"),
     (["--prompts", "{tmp}/bad.jsonl"], {"bad.jsonl": BAD_ROW},
@@ -281,6 +282,18 @@ def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error
     err = capsys.readouterr().err  # after any progress bars of the datasets library
     assert f"\n{err}".endswith(f"\nerror: {error.format(tmp=tmp_path, uuid=uuid)}\n")
     assert err.count("error:") == 1
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_named_as_such(tiny_model, tmp_path, capsys, monkeypatch):
+    """Its run directory holds only flags.json; compare said `not a checkpoint (...); pass a checkpoint-N directory or
+    a run directory such as runs/local_tiny`, which it is."""
+    run_dir = tmp_path / "local_tiny"
+    run_dir.mkdir()
+    (run_dir / "flags.json").write_text("{}\n")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert main(["--base", str(tiny_model), "--tuned", str(run_dir), "--prompts", PROMPTS]) == 2
+    assert capsys.readouterr().err == (f"error: {run_dir}: the run has no finished checkpoint yet; train until it "
+                                       "saves one, or pass a checkpoint-N directory\n")
 
 
 def test_a_broken_user_data_json_is_one_line_naming_the_fix_in_compare_and_export(trained_run, tiny_model, tmp_path,

@@ -345,6 +345,60 @@ def test_preview_of_a_broken_file_is_one_line_without_a_traceback(tiny_model, tm
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {path} line 31: not valid JSON (Expecting property name enclosed in double quotes): fix or remove "
         "the line")
+    # datasets' own report of it (row 30, counted from 0), printed twice, came first
+    assert "Failed to load JSON" not in result.stderr and "in row 30" not in result.stderr
+
+
+def test_what_datasets_logs_while_loading_is_dropped_only_when_the_one_line_replaces_it(caplog):
+    import logging
+
+    from swallow_ft.data.loading import _HeldBuilderLogs
+
+    reader = logging.getLogger("datasets.packaged_modules.json.json")
+    for raised, shown in ((UserError("f.jsonl line 7: not valid JSON"), False), (ValueError("unexplained"), True)):
+        caplog.clear()
+        with pytest.raises(type(raised)), _HeldBuilderLogs():
+            reader.error("Failed to load JSON from file 'f.jsonl'")
+            raise raised
+        assert ("Failed to load JSON" in caplog.text) is shown
+    with _HeldBuilderLogs():
+        reader.warning("a warning from a load that worked")
+    assert "a warning from a load that worked" in caplog.text
+
+
+def test_a_missing_data_file_names_the_flag_that_gave_it(tmp_path):
+    from swallow_ft.data.loading import load_raw_datasets
+
+    missing = tmp_path / "missing.jsonl"
+    for args, flag in ((dict(train_file=str(missing)), "--train_file"),
+                       (data_args(validation_file=str(missing)), "--validation_file")):
+        with pytest.raises(UserError) as raised:
+            load_raw_datasets(args if isinstance(args, DataTrainingArguments) else DataTrainingArguments(**args))
+        assert str(raised.value) == f"{missing}: data file not found: check the path given to {flag}"
+
+
+def test_csv_cells_are_text_and_json_keeps_its_types(tokenizer, tmp_path):
+    """CSV has no types: pandas guessed numbers for an answer column of numbers, which no row could then fix."""
+    from swallow_ft.data.loading import load_raw_datasets
+
+    csv = tmp_path / "alp.csv"
+    csv.write_text("instruction,output,input\n1+1は?,2,\n価格は?,2.50,円で\n略語は?,NA,None\n空は?,,\n",
+                   encoding="utf-8")
+    rows = load_raw_datasets(DataTrainingArguments(train_file=str(csv)), cache_dir=str(tmp_path / "cache"))["train"]
+    assert rows["output"] == ["2", "2.50", "NA", None]  # an empty cell is missing, as before
+    assert rows["input"] == [None, "円で", "None", None]
+    with pytest.raises(UserError) as raised:
+        build_datasets(DataTrainingArguments(train_file=str(csv)), training_args(tmp_path), tokenizer, "tiny")
+    assert str(raised.value) == (f"{csv} row 3 (0-based): column 'output' is missing or null; fill it in or drop the "
+                                 "row")
+    data = build_datasets(DataTrainingArguments(train_file=str(csv), skip_bad_rows=True, validation_file=str(csv)),
+                          training_args(tmp_path), tokenizer, "tiny")
+    assert len(data.train) == 3
+    jsonl = tmp_path / "alp.jsonl"
+    jsonl.write_text(json.dumps({"instruction": "1+1は?", "output": 2}) + "\n")
+    with pytest.raises(UserError) as raised:
+        build_datasets(DataTrainingArguments(train_file=str(jsonl)), training_args(tmp_path), tokenizer, "tiny")
+    assert str(raised.value) == f"{jsonl} line 1: output must be a string, got int; convert it to text"
 
 
 def test_two_ranks_tokenise_and_pack_once_and_data_options_reuse_the_tokens(tiny_model, tmp_path):

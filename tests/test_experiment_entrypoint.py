@@ -165,3 +165,25 @@ def test_preview_takes_a_search_experiment_without_pinning_its_searched_values()
     assert model_args.lora_r == 8  # one trial's value; a flag still wins
     _, model_args, _ = parse(["preview", "--config", "experiments/swallow_7b_search.yaml", "--lora_r", "32"])
     assert model_args.lora_r == 32
+
+
+@pytest.mark.parametrize("text, error", [
+    ("name: exp\nresources:\n\tslots_per_trial: 1\n",
+     "line 3, column 1: not valid YAML: a tab character, which YAML does not allow here: indent with spaces, not tabs"),
+    ("name: exp\nresources:\n  slots_per_trial: 1\n   resource_pool: A100\n",
+     "line 4, column 17: not valid YAML: a `key:` where no key can start (a wrong indent, or ': ' inside a value): "
+     "indent it like the keys beside it, or quote the value"),
+    ("resources:\n    slots_per_trial: 1\n  resource_pool: A100\n",
+     "line 3, column 3: not valid YAML: a line that does not fit the block above it (an indent that lines up with no "
+     "key, or a key among - items): line it up with the keys or - items it belongs with"),
+    ("name: exp\nentrypoint: \"python3 run_clm.py\n",
+     "line 3, column 1: not valid YAML: the quote opened at line 2, column 13 never closes: close it"),
+    ("searcher: {name: single\n", "line 2, column 1: not valid YAML: the { mapping opened at line 1, column 11 lacks a "
+     "',' between items or its closing }: add it"),
+], ids=["tab", "indent", "dedent", "unclosed-quote", "unclosed-flow"])
+def test_invalid_yaml_is_one_line_with_its_place_and_the_fix(tmp_path, text, error):
+    """PyYAML's own text was passed through: `not valid YAML: while scanning for the next token found character '\\t'
+    that cannot start any token in "<unicode string>", line 8, column 1: slots_per_trial: 1 ^`."""
+    with pytest.raises(UserError) as caught:
+        _experiment(tmp_path, text)
+    assert str(caught.value) == f"{tmp_path / 'exp.yaml'} {error}"

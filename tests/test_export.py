@@ -414,3 +414,17 @@ def test_cli_missing_source_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {missing}: no such checkpoint directory") and err.count("\n") == 1
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("files", [["flags.json"], ["flags.json", "metrics.jsonl", "checkpoints.jsonl"]])
+def test_cli_says_a_run_without_a_checkpoint_has_none_yet(tmp_path, capsys, files):
+    """A run that failed before saving leaves flags.json (and maybe metrics): it is a run directory, not a wrong path,
+    so `not a checkpoint ...; pass ... a run directory such as runs/local_tiny` sent the user in a circle."""
+    run_dir = tmp_path / "runs" / "local_tiny"
+    run_dir.mkdir(parents=True)
+    for name in files:
+        (run_dir / name).write_text("{}\n" if name == "flags.json" else "")
+    assert main([str(run_dir), "--out", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err == (f"error: {run_dir}: the run has no finished checkpoint yet; train until it "
+                                       "saves one, or pass a checkpoint-N directory\n")
+    assert not (tmp_path / "model").exists()

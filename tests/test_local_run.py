@@ -206,7 +206,7 @@ def test_fresh_with_a_mistake_refuses_before_deleting_anything(tiny_model, tmp_p
     mistakes = {
         ("--lerning_rate", "1e-3"):
             r"error: unknown run_clm\.py flag\(s\): --lerning_rate \(did you mean --learning_rate",
-        ("--train_file", "data/missing.jsonl"): r"error: data/missing\.jsonl: data file not found$",
+        ("--train_file", "data/missing.jsonl"): r"error: data/missing\.jsonl: data file not found: check the path given to --train_file$",
         ("--model_name_or_path", ".cache/nope"): r"error: --model_name_or_path \.cache/nope: no such directory$",
     }
     for mistake, message in mistakes.items():

@@ -243,6 +243,61 @@ def test_data_with_unknown_columns_and_empty_files(make_experiment, tmp_path):
         assert message in check_experiment(path).problems
 
 
+def _chat(i, second_role="assistant"):
+    return json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                    {"role": second_role, "content": f"{i + 1}"}]}) + "\n"
+
+
+def test_every_row_is_converted_as_run_clm_would_and_bad_rows_are_problems_or_counted(make_experiment, tmp_path):
+    """run_clm.py stops at a bad row within seconds of starting: the preflight said OK to it."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(_chat(i, "user" if i in (30, 35) else "assistant") for i in range(40)))
+    camel = tmp_path / "camel.csv"  # a row that is only bad once converted: its reply is empty
+    camel.write_text("message_1,message_2\n1+1?,2\n2+1?,3\n3+1?,\n")
+    roles = ("messages 0.. have roles ['user', 'user'], expected user then assistant (an optional system message "
+             "first, then user/assistant pairs ending with assistant)")
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(json.dumps({"message_1": "1+1?", "message_2": "2"}) + "\n"
+                     + json.dumps({"message_1": "2+1?", "message_2": " "}) + "\n")
+    data = str(REPO / "data/camel_math_ja.jsonl")
+    for flags, problems, notes in (
+            (f"--train_file {chat}", [f"{chat} line 31: {roles}"], []),
+            (f"--train_file {camel}",
+             [f"{camel} row 2 (0-based): column 'message_2' is missing or null; fill it in or drop the row"], []),
+            (f"--train_file {chat} --skip_bad_rows", [],
+             [f"{chat}: 2 of 40 rows would be skipped as bad (--skip_bad_rows); the first: {chat} line 31: {roles}"]),
+            (f"--train_file {data} --validation_file {valid}",
+             [f"{valid} line 2: message_2 is empty; every example needs a non-empty message_2"], []),
+    ):
+        entrypoint = lambda e: e.replace(f"--train_file {data}", flags)  # noqa: E731
+        found = check_experiment(make_experiment(entrypoint=entrypoint))
+        assert found.problems == problems
+        assert [n for n in found.notes if not n.startswith("memory per GPU")] == notes
+
+
+def test_a_file_where_every_row_is_bad_leaves_nothing_to_skip_to(make_experiment, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(_chat(i, "user") for i in range(3)))
+    data = str(REPO / "data/camel_math_ja.jsonl")
+    path = make_experiment(entrypoint=lambda e: e.replace(data, f"{chat} --skip_bad_rows"))
+    assert check_experiment(path).problems == [
+        f"{chat}: every row is bad, so --skip_bad_rows leaves nothing to train on; the first: {chat} line 1: messages "
+        "0.. have roles ['user', 'user'], expected user then assistant (an optional system message first, then "
+        "user/assistant pairs ending with assistant)"]
+
+
+def test_a_broken_data_file_is_one_line_with_nothing_from_datasets_around_it(make_experiment, tmp_path, capfd):
+    from swallow_ft import preflight
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(_chat(i) for i in range(6)) + '{"messages": [,\n' + _chat(7))
+    path = make_experiment(entrypoint=lambda e: e.replace(str(REPO / "data/camel_math_ja.jsonl"), str(broken)))
+    assert preflight.main([str(path)]) == 1
+    out, err = capfd.readouterr()
+    assert err == ""  # datasets' progress bars and its own "Failed to load JSON ... in row 6", printed twice
+    assert out.splitlines()[0] == f"{broken} line 7: not valid JSON (Expecting value): fix or remove the line"
+
+
 def test_memory_that_does_not_fit_says_what_would(tmp_path):
     config = yaml.safe_load((REPO / "experiments/swallow_7b.yaml").read_text())
     config["entrypoint"] = config["entrypoint"].replace("--use_lora", "")  # full fine-tuning of 7B

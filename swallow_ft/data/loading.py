@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
 
 from swallow_ft.arguments import DataTrainingArguments
@@ -52,14 +52,55 @@ class PreparedData:
         return {"prompt_format": self.prompt_format.name, "system_prompt": self.system_prompt}
 
 
-def builder_for(path: str) -> str:
-    """The datasets builder for a local data file (json, csv, parquet); a UserError if it is missing or unsupported."""
+def builder_for(path: str, flag: Optional[str] = None) -> str:
+    """The datasets builder for a local data file (json, csv, parquet); a UserError if it is missing or unsupported.
+    flag: the option that named the file, for the message."""
     suffix = Path(path).suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .csv or .parquet")
     if not Path(path).is_file():
-        raise UserError(f"{path}: data file not found")
+        raise UserError(f"{path}: data file not found" + (f": check the path given to {flag}" if flag else ""))
     return LOCAL_FORMATS[suffix]
+
+
+def _csv_as_text(path: str) -> Dict[str, object]:
+    """load_dataset options that read every column of a CSV as text. CSV has no types, and pandas would guess them:
+    an answer column of 2, 4, 2.50 becomes numbers, which a row then fails as "must be a string" with no way to fix it
+    in the file. Only empty cells stay missing ("NA" or "None" is an answer too)."""
+    import pandas
+
+    try:  # the header as pandas names the columns (a duplicate becomes x.1), which the features must match
+        names = pandas.read_csv(path, nrows=0).columns
+    except ValueError:  # empty or unreadable: left to load_dataset, whose failure _file_problem explains
+        return {}
+    return {"features": Features({name: Value("string") for name in names}), "keep_default_na": False,
+            "na_values": [""]}
+
+
+class _HeldBuilderLogs(logging.Handler):
+    """Holds what datasets' file readers log while loading: on a file it cannot read, the JSON reader logs an error
+    (printed twice, by datasets' own handler and the root one) that counts rows from 0 and skips blank lines, just
+    before the one line _file_problem gives. Dropped when that line replaces it (a UserError), else passed on."""
+
+    def __init__(self):
+        super().__init__()
+        self.logger = logging.getLogger("datasets.packaged_modules")
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        self.propagate, self.logger.propagate = self.logger.propagate, False
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        self.logger.removeHandler(self)
+        self.logger.propagate = self.propagate
+        if not (kind and issubclass(kind, UserError)):
+            for record in self.records:
+                self.logger.handle(record)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None,
@@ -71,19 +112,23 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None,
     if data_args.validation_file:
         files["validation"] = data_args.validation_file
     flags = {"train": train_flag, "validation": "--validation_file"}
-    builders = {builder_for(f) for f in files.values()}
+    builders = {builder_for(path, flags[split]) for split, path in files.items()}
     if len(builders) > 1:
         raise UserError(f"--train_file and --validation_file must have the same type, got {sorted(builders)}")
-    try:
-        raw = load_dataset(builders.pop(), data_files=files, cache_dir=cache_dir)
-    except Exception:
-        # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
-        # naming neither the file nor the line; the files are read again here, only once it has failed.
-        for split, path in files.items():
-            problem = _file_problem(path, flags[split])
-            if problem:
-                raise UserError(problem) from None
-        raise
+    builder = builders.pop()
+    # Files with other columns than the train file's fail in datasets whatever the features say.
+    options = _csv_as_text(files["train"]) if builder == "csv" else {}
+    with _HeldBuilderLogs():
+        try:
+            raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, **options)
+        except Exception:
+            # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
+            # naming neither the file nor the line; the files are read again here, only once it has failed.
+            for split, path in files.items():
+                problem = _file_problem(path, flags[split])
+                if problem:
+                    raise UserError(problem) from None
+            raise
     for split, ds in raw.items():
         if len(ds) == 0:
             raise UserError(_no_rows(files[split], flags[split]))
