@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from swallow_ft import metrics
 from swallow_ft.chat_template import stop_token_ids
 from swallow_ft.data.encoding import IGNORE, encode
-from swallow_ft.data.loading import load_raw_datasets, row_name
-from swallow_ft.data.shapes import detect_shape, to_conversation
+from swallow_ft.data.loading import load_raw_datasets
+from swallow_ft.data.shapes import detect_shape, row_name, to_conversation
 from swallow_ft.data.templates import Conversation, PromptFormat, Turn, choose_format
 from swallow_ft.errors import UserError, exit_code_of
 

@@ -119,8 +119,7 @@ def check_deepspeed_config(path: Optional[Path], training_args, slots: int, foun
 def check_data(data_args, found: Findings) -> None:
     import datasets
 
-    from swallow_ft.data.loading import load_raw_datasets, source_name
-    from swallow_ft.data.shapes import detect_shape
+    from swallow_ft.data.loading import detect_split_shapes, load_raw_datasets, source_name
 
     if data_args.dataset_name:
         found.notes.append(f"dataset {data_args.dataset_name}: not checked offline (it is downloaded on the cluster)")
@@ -129,10 +128,9 @@ def check_data(data_args, found: Findings) -> None:
     datasets.disable_progress_bars()  # the report is one line per finding
     try:
         raw = load_raw_datasets(data_args)
-        shapes = {split: detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
-                  for split, ds in raw.items()}  # an empty file is refused by load_raw_datasets
-        for split, ds in raw.items():  # in the train file's shape, as run_clm.py reads every split
-            check_rows(ds, source_name(data_args, split), shapes["train"], data_args.skip_bad_rows, found)
+        shape = detect_split_shapes(raw, data_args)  # an empty file is refused by load_raw_datasets
+        for split, ds in raw.items():
+            check_rows(ds, source_name(data_args, split), shape, data_args.skip_bad_rows, found)
     except UserError as exc:
         found.problems.append(str(exc))
     finally:
@@ -143,7 +141,7 @@ def check_data(data_args, found: Findings) -> None:
 def check_rows(dataset, source: str, shape: str, skip_bad_rows: bool, found: Findings) -> None:
     """Every row through to_conversation, the first step of tokenising: run_clm.py stops at the first bad row, or
     under --skip_bad_rows drops and counts them. Raises the first BadRow unless skip_bad_rows."""
-    from swallow_ft.data.loading import row_name
+    from swallow_ft.data.shapes import row_name
     from swallow_ft.data.shapes import BadRow, to_conversation
 
     bad, first = 0, None

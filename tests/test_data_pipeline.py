@@ -151,7 +151,7 @@ def test_row_names_count_every_blank_line_before_the_row(tmp_path):
     """row_name runs once per row: it bisects the blank lines. Checked against reading the file line by line."""
     import random
 
-    from swallow_ft.data.loading import row_name
+    from swallow_ft.data.shapes import row_name
 
     rng = random.Random(0)
     lines = [rng.choice(["", "  ", '{"text": "x"}', '{"text": "y"}']) for _ in range(300)]
@@ -468,3 +468,19 @@ def test_an_empty_split_is_named_in_one_line():
     empty = Dataset.from_dict({"input_ids": [], "labels": [], "n_train": [], "truncated": [], "bad": [], "key": []})
     with pytest.raises(UserError, match=r"^train.jsonl: the split has no rows"):
         keep_trainable(empty, "train.jsonl", data_args())
+
+
+def test_a_validation_file_of_another_shape_is_one_line(tokenizer, tmp_path):
+    """datasets read both files in one call, cast to the train file's columns: a DatasetGenerationError traceback."""
+    from swallow_ft.preflight import Findings, check_data
+
+    chat = REPO / "data/chat_ja.jsonl"
+    args = data_args(validation_file=str(chat))
+    message = f"{chat} has messages rows but {REPO / 'data/camel_math_ja.jsonl'} has camel-math rows: give both " \
+              "files one shape"
+    with pytest.raises(UserError) as raised:
+        build_datasets(args, training_args(tmp_path), tokenizer, "tiny", cache_dir=str(tmp_path / "cache"))
+    assert str(raised.value) == message
+    found = Findings()
+    check_data(args, found)
+    assert found.problems == [message]

@@ -16,8 +16,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from swallow_ft.arguments import DataTrainingArguments, ModelArguments, dict2args, normalize_flags, split_equals
 from swallow_ft.data.encoding import IGNORE
-from swallow_ft.data.loading import encode_example, load_raw_datasets, row_name, source_name
-from swallow_ft.data.shapes import detect_shape
+from swallow_ft.data.loading import encode_example, load_raw_datasets, source_name
+from swallow_ft.data.shapes import detect_shape, row_name
 from swallow_ft.data.templates import choose_format
 from swallow_ft.errors import UserError, exit_code_of
 from swallow_ft.experiment import Experiment

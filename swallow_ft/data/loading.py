@@ -5,17 +5,14 @@ The reference's HF run_clm took the *first* column, which for camel-ai/math is `
 row becomes a conversation in the model's own prompt format, with loss on the replies only.
 """
 
-import bisect
 import csv
-import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
@@ -26,7 +23,7 @@ from swallow_ft.data import encoding, shapes, templates
 from swallow_ft.data.encoding import IGNORE, encode, encode_batch
 from swallow_ft.data.fingerprint import map_fingerprint
 from swallow_ft.data.packing import PackedCollator, pack, packing_efficiency
-from swallow_ft.data.shapes import BadRow, detect_shape, to_conversation
+from swallow_ft.data.shapes import BadRow, detect_shape, row_name, to_conversation
 from swallow_ft.data.templates import FORMATS, PromptFormat, choose_format
 from swallow_ft.errors import UserError
 
@@ -116,23 +113,38 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir=None,
     if len(builders) > 1:
         raise UserError(f"--train_file and --validation_file must have the same type, got {sorted(builders)}")
     builder = builders.pop()
-    # Files with other columns than the train file's fail in datasets whatever the features say.
-    options = _csv_as_text(files["train"]) if builder == "csv" else {}
     with _HeldBuilderLogs():
-        try:
-            raw = load_dataset(builder, data_files=files, cache_dir=cache_dir, **options)
-        except Exception:
-            # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
-            # naming neither the file nor the line; the files are read again here, only once it has failed.
-            for split, path in files.items():
-                problem = _file_problem(path, flags[split])
-                if problem:
-                    raise UserError(problem) from None
-            raise
+        raw = DatasetDict({split: _load_file(builder, split, path, flags[split], cache_dir)
+                           for split, path in files.items()})
     for split, ds in raw.items():
         if len(ds) == 0:
             raise UserError(_no_rows(files[split], flags[split]))
     return raw
+
+
+def _load_file(builder: str, split: str, path: str, flag: str, cache_dir) -> Dataset:
+    """One file at a time: datasets casts every file of one call to the first one's columns, and a validation file
+    with other columns failed in a DatasetGenerationError traceback (detect_split_shapes names the difference)."""
+    try:
+        return load_dataset(builder, data_files={split: path}, cache_dir=cache_dir,
+                            **(_csv_as_text(path) if builder == "csv" else {}))[split]
+    except Exception:
+        # datasets reports an empty or malformed file as StopIteration, "corresponds to no data" or ArrowInvalid,
+        # naming neither the file nor the line; the file is read again here, only once it has failed.
+        problem = _file_problem(path, flag)
+        if problem:
+            raise UserError(problem) from None
+        raise
+
+
+def detect_split_shapes(raw: DatasetDict, data_args: DataTrainingArguments) -> str:
+    """The train split's shape; a UserError if the validation split has another, since both are read in it."""
+    shapes = {split: detect_shape(ds.column_names, source_name(data_args, split), data_args.dataset_shape)
+              for split, ds in raw.items() if split in ("train", "validation")}
+    if shapes.get("validation", shapes["train"]) != shapes["train"]:
+        raise UserError(f"{source_name(data_args, 'validation')} has {shapes['validation']} rows but "
+                        f"{source_name(data_args, 'train')} has {shapes['train']} rows: give both files one shape")
+    return shapes["train"]
 
 
 def _no_rows(path: str, flag: str) -> str:
@@ -188,34 +200,6 @@ def source_name(data_args: DataTrainingArguments, split: str) -> str:
     if data_args.dataset_name:
         return f"{data_args.dataset_name}[{split}]"
     return data_args.validation_file if split == "validation" else data_args.train_file
-
-
-def row_name(source: str, index: int) -> str:
-    """How messages name row `index` (0-based) of a source: in a local JSON Lines file its 1-based line, what an
-    editor shows; elsewhere (a CSV under its header, a JSON array, a Hub split) the index, said to be 0-based."""
-    if source.endswith(".jsonl"):
-        try:
-            stat = os.stat(source)
-        except OSError:
-            stat = None
-        if stat is not None:
-            return f"{source} line {_line_of(index, _blank_lines(source, stat.st_mtime_ns, stat.st_size))}"
-    return f"{source} row {index} (0-based)"
-
-
-@functools.lru_cache(maxsize=8)
-def _blank_lines(path: str, mtime_ns: int, size: int) -> Tuple[int, ...]:
-    """For the j-th blank line (1-based number b, which the JSON reader skips without giving it a row), b - j: the
-    rows before it plus one. Keyed on mtime and size too, so that an edited file is read again."""
-    with open(path, "rb") as f:
-        blanks = [number for number, line in enumerate(f, 1) if not line.strip()]
-    return tuple(b - j for j, b in enumerate(blanks))
-
-
-def _line_of(index: int, rows_before_blank: Sequence[int]) -> int:
-    # Every row is named, good or bad, so this runs once per row: a bisect, not a walk over the blank lines (which
-    # took minutes on a large file with a blank line between rows).
-    return index + 1 + bisect.bisect_right(rows_before_blank, index + 1)
 
 
 def example_key(input_ids: np.ndarray, labels: np.ndarray) -> int:
@@ -343,7 +327,7 @@ def _build(data_args: DataTrainingArguments, tokenizer: PreTrainedTokenizerBase,
            rebuild: bool) -> PreparedData:
     raw = load_raw_datasets(data_args, cache_dir)
     train_source = source_name(data_args, "train")
-    shape = detect_shape(raw["train"].column_names, train_source, data_args.dataset_shape)
+    shape = detect_split_shapes(raw, data_args)
     fmt = choose_format(data_args.prompt_format, model_name, tokenizer, shape)
     block_size = data_args.block_size or min(tokenizer.model_max_length, 2048)
     held_out = "validation" not in raw

@@ -1,11 +1,14 @@
 """Dataset shapes: recognise a dataset by its columns and turn each row into a Conversation.
 
 Every row is checked here, before any tokenising or weights, and a bad one is reported with where it
-is (loading.row_name: a .jsonl file's line, otherwise the 0-based row) and the fix (or skipped and
+is (row_name: a .jsonl file's line, otherwise the 0-based row) and the fix (or skipped and
 counted under --skip_bad_rows).
 """
 
-from typing import Any, Dict, List, Optional
+import bisect
+import functools
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from swallow_ft.data.templates import Conversation, Turn
 from swallow_ft.errors import UserError
@@ -84,3 +87,31 @@ def to_conversation(row: Dict[str, Any], shape: str, where: str) -> Conversation
     if shape == "messages":
         return _from_messages(row.get("messages"), where)
     return Conversation(text=_string(row, "text", where))
+
+
+def row_name(source: str, index: int) -> str:
+    """How messages name row `index` (0-based) of a source: in a local JSON Lines file its 1-based line, what an
+    editor shows; elsewhere (a CSV under its header, a JSON array, a Hub split) the index, said to be 0-based."""
+    if source.endswith(".jsonl"):
+        try:
+            stat = os.stat(source)
+        except OSError:
+            stat = None
+        if stat is not None:
+            return f"{source} line {_line_of(index, _blank_lines(source, stat.st_mtime_ns, stat.st_size))}"
+    return f"{source} row {index} (0-based)"
+
+
+@functools.lru_cache(maxsize=8)
+def _blank_lines(path: str, mtime_ns: int, size: int) -> Tuple[int, ...]:
+    """For the j-th blank line (1-based number b, which the JSON reader skips without giving it a row), b - j: the
+    rows before it plus one. Keyed on mtime and size too, so that an edited file is read again."""
+    with open(path, "rb") as f:
+        blanks = [number for number, line in enumerate(f, 1) if not line.strip()]
+    return tuple(b - j for j, b in enumerate(blanks))
+
+
+def _line_of(index: int, rows_before_blank: Sequence[int]) -> int:
+    # Every row is named, good or bad, so this runs once per row: a bisect, not a walk over the blank lines (which
+    # took minutes on a large file with a blank line between rows).
+    return index + 1 + bisect.bisect_right(rows_before_blank, index + 1)
