@@ -146,16 +146,37 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model, tmp_path):
 def test_fresh_starts_over(tiny_model, tmp_path):
     args = ["--config", CONFIG, "--runs_dir", tmp_path, "--max_steps", 20, "--eval_steps", 10]
     assert run_clm(*args).returncode == 0
+    run_dir = tmp_path / "local_tiny"
     # A run is found by its name: other training flags would resume checkpoints trained differently.
     other = run_clm(*args, "--learning_rate=1e-3", "--max_steps", 30)
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert other.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'local_tiny'} holds checkpoints trained with other flags (--learning_rate 0.005 -> "
+        f"error: {run_dir} holds checkpoints trained with other flags (--learning_rate 0.005 -> "
         "0.001): pass --fresh to start over, or --runs_dir DIR to keep both")
+
+    # Files that exist but cannot be used: --fresh used to delete the checkpoints, then stop on them.
+    (run_dir / "comparison").mkdir()
+    files, steps = _run_files(run_dir), registered_steps(run_dir)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text((REPO / "data/camel_math_ja.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n{broken\n",
+                      encoding="utf-8")
+    mistakes = [
+        (("--train_file", str(broken)), rf"error: {re.escape(str(broken))} line 2: not valid JSON"),
+        (("--model_name_or_path", "tokyotech-llm/Swallow-7b-instruct-v0.1"),  # neither cached nor reachable
+         r"error: --model_name_or_path tokyotech-llm/Swallow-7b-instruct-v0\.1: We couldn't connect to"),
+    ]
+    for mistake, message in mistakes:
+        result = run_clm(*args, *mistake, "--fresh", env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.match(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+        assert _run_files(run_dir) == files and registered_steps(run_dir) == steps
+        assert (run_dir / "comparison").is_dir()
+
     result = run_clm(*args, "--max_steps", 10, "--fresh")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
-    assert sorted(checkpoint_steps(tmp_path / "local_tiny" / "checkpoints").values()) == [10]
+    assert sorted(checkpoint_steps(run_dir / "checkpoints").values()) == [10]
+    assert not (run_dir / "comparison").exists()  # the report of the checkpoints --fresh deleted
 
 
 def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
@@ -217,31 +238,6 @@ def test_fresh_with_a_mistake_refuses_before_deleting_anything(tiny_model, tmp_p
             assert "trained with other flags" not in result.stderr  # the mistake is named, not a change of flags
             assert _run_files(run_dir) == files and registered_steps(run_dir) == steps
             assert read_metrics(run_dir / "metrics.jsonl") == metrics
-
-
-def test_fresh_reads_the_data_and_the_model_before_deleting_anything(tiny_model, tmp_path):
-    """The files exist but cannot be used: a broken line, a Hub id that is neither cached nor reachable. --fresh used
-    to delete the checkpoints, then stop on them."""
-    assert run_clm(*SHORT, "--runs_dir", tmp_path).returncode == 0
-    run_dir = tmp_path / "local_tiny"
-    (run_dir / "comparison").mkdir()
-    files, steps = _run_files(run_dir), registered_steps(run_dir)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text((REPO / "data/camel_math_ja.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n{broken\n",
-                      encoding="utf-8")
-    mistakes = [
-        (("--train_file", str(broken)), rf"error: {re.escape(str(broken))} line 2: not valid JSON"),
-        (("--model_name_or_path", "tokyotech-llm/Swallow-7b-instruct-v0.1"),
-         r"error: --model_name_or_path tokyotech-llm/Swallow-7b-instruct-v0\.1: We couldn't connect to"),
-    ]
-    for mistake, message in mistakes:
-        result = run_clm(*SHORT, "--runs_dir", tmp_path, *mistake, "--fresh", env={"HF_HUB_OFFLINE": "1"})
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        assert re.match(message, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
-        assert _run_files(run_dir) == files and registered_steps(run_dir) == steps
-        assert (run_dir / "comparison").is_dir()
-    assert run_clm(*SHORT, "--runs_dir", tmp_path, "--fresh").returncode == 0
-    assert not (run_dir / "comparison").exists()  # the report of the checkpoints --fresh deleted
 
 
 def test_the_same_flags_spelled_differently_resume(tiny_model, tmp_path):
