@@ -187,7 +187,6 @@ class DetCallback(TrainerCallback):
         self.last_train_report = self.last_eval_report = self.last_save = -1
         self.last_progress = 0.0
         self.preempted = False
-        self.eval_history: List[tuple] = []  # (step, eval_loss)
         self.searcher_value: Optional[float] = None  # the last validation's searcher.metric, for Determined <= 0.37
         self.last_storage_id = latest_checkpoint if self.resume_from_checkpoint else None  # until a new one
         # Facts about the run added to every training report (e.g. packing_efficiency).
@@ -300,8 +299,6 @@ class DetCallback(TrainerCallback):
         if self.searcher_metric and self.searcher_metric not in metrics:
             raise UserError(f"searcher.metric is {self.searcher_metric!r} but evaluation reports only "
                             f"{sorted(k for k in metrics if k.startswith('eval_'))}: change searcher.metric")
-        if "eval_loss" in metrics:
-            self.eval_history.append((state.global_step, metrics["eval_loss"]))
         self.searcher_value = metrics.get(self.searcher_metric or "eval_loss", self.searcher_value)
         if state.is_world_process_zero:
             self.core_context.train.report_metrics(group="validation", steps_completed=state.global_step,
@@ -352,10 +349,9 @@ class DetCallback(TrainerCallback):
     def summary(self, state: TrainerState) -> Dict[str, Any]:
         tokens = state.num_input_tokens_seen - (self._tokens_at_start or 0)
         self.clock.read()
-        # The whole run's, from the log a resumed run restored with its checkpoint (a rerun of a finished run
-        # evaluates nothing itself), not only this process's evaluations.
-        eval_losses = [log["eval_loss"] for log in state.log_history if "eval_loss" in log] or [
-            loss for _, loss in self.eval_history]
+        # The whole run's: the log holds every evaluation (the Trainer logs each before on_log reports it), and a
+        # resumed run restored the earlier ones with its checkpoint.
+        eval_losses = [log["eval_loss"] for log in state.log_history if "eval_loss" in log]
         return {
             "steps_completed": state.global_step,
             "preempted": self.preempted,

@@ -402,8 +402,9 @@ def test_csv_cells_are_text_and_json_keeps_its_types(tokenizer, tmp_path):
 
 
 def test_two_ranks_tokenise_and_pack_once_and_data_options_reuse_the_tokens(tiny_model, tmp_path):
-    """Rank 0 builds each stage while rank 1 waits and reads the cache, --overwrite_cache included; options that do
-    not change the tokens (--max_train_samples, --max_eval_samples) re-pack, but do not tokenise again."""
+    """Rank 0 builds each stage (reading the file too) while rank 1 waits and reads the cache, --overwrite_cache
+    included; options that do not change the tokens (--max_train_samples, --max_eval_samples) re-pack, but do not
+    tokenise again."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              str(REPO / "tests/data_ranks.py"), str(tiny_model), str(REPO / "data/camel_math_ja.jsonl"),
                              str(tmp_path / "cache"), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
@@ -411,11 +412,11 @@ def test_two_ranks_tokenise_and_pack_once_and_data_options_reuse_the_tokens(tiny
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    def computed(build):
-        return {stage for stage in ("Tokenising", "Packing") if stage in build["log"]}
+    def computed(build):  # "Generating": datasets reading the file into its cache (the download, for a Hub id)
+        return {stage for stage in ("Generating", "Tokenising", "Packing") if stage in build["log"]}
 
-    assert [computed(build) for build in ranks[0]] == [{"Tokenising", "Packing"}, {"Tokenising", "Packing"},
-                                                       {"Packing"}]
+    assert [computed(build) for build in ranks[0]] == [{"Generating", "Tokenising", "Packing"},
+                                                       {"Tokenising", "Packing"}, {"Packing"}]
     assert [computed(build) for build in ranks[1]] == [set(), set(), set()]
     for first, second in zip(*ranks):
         assert {k: first[k] for k in ("train", "validation", "rows")} == {

@@ -54,6 +54,7 @@ def test_local_run_trains_checkpoints_and_reports(tiny_model, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "checkpoint-50 is at step 50, which is --max_steps: nothing left to train" in again.stderr
     assert "Finished at step 50" in again.stdout and f"checkpoints/{final}" in again.stdout
+    assert "throughput  nothing trained" in again.stdout
     eval_line = next(line for line in result.stdout.splitlines() if "eval_loss" in line and "->" in line)
     assert eval_line in again.stdout  # read back from the checkpoint's log
     assert read_metrics(run_dir / "metrics.jsonl") == rows and checkpoint_steps(run_dir / "checkpoints") == steps
