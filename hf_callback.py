@@ -4,6 +4,6 @@ Kept at the top level, where the reference had it, so `from hf_callback import D
 working; the implementation lives in swallow_ft/det_callback.py.
 """
 
-from swallow_ft.det_callback import DetCallback, check_searcher_length
+from swallow_ft.det_callback import DetCallback
 
-__all__ = ["DetCallback", "check_searcher_length"]
+__all__ = ["DetCallback"]

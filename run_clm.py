@@ -24,6 +24,7 @@ from transformers import set_seed
 from hf_callback import DetCallback
 from swallow_ft import launch, runtime
 from swallow_ft.arguments import dict2args, parse_input_arguments  # noqa: F401  (the seed's public helpers)
+from swallow_ft.checkpoints import check_warm_start
 from swallow_ft.data import build_collator, build_datasets
 from swallow_ft.errors import UserError
 from swallow_ft.trainer import SwallowTrainer
@@ -32,6 +33,9 @@ from swallow_ft.model import load_model, load_tokenizer
 
 def main(det_callback, tb_callback, model_args, data_args, training_args):
     set_seed(training_args.seed)  # before the LoRA adapters are initialised: the Trainer only seeds after that
+    warm_start = det_callback.warm_start  # another trial's checkpoint: its adapter, then training from step 0
+    if warm_start:
+        check_warm_start(warm_start, model_args.use_lora, model_args.lora_r)
     tokenizer = load_tokenizer(model_args)
     data = build_datasets(data_args, training_args, tokenizer, model_args.model_name_or_path,
                           cache_dir=model_args.cache_dir)
@@ -39,7 +43,8 @@ def main(det_callback, tb_callback, model_args, data_args, training_args):
     det_callback.user_data = {**(det_callback.user_data or {}), **data.prompt_settings()}
     if data.packing_efficiency is not None:
         det_callback.constant_metrics["packing_efficiency"] = data.packing_efficiency
-    model = load_model(model_args, training_args, packing=data_args.packing)
+    model = load_model(model_args, training_args, packing=data_args.packing,
+                       adapter_from=warm_start.path if warm_start else None)
     trainer = SwallowTrainer(
         model=model,
         args=training_args,

@@ -12,11 +12,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from swallow_ft.errors import UserError
+from swallow_ft.memory import lora_target_names
 
 REGIONAL_COMPILATION = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
 # Under torch.compile Liger supplies only its fused loss, which runs outside the compiled layers; inside them inductor
@@ -59,6 +60,11 @@ class ModelArguments:
     lora_target_modules: str = field(
         default="all-linear",
         metadata={"help": "Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear."})
+
+    @property
+    def lora_targets(self) -> Union[str, List[str]]:
+        """--lora_target_modules as peft and the memory model take it: "all-linear", or a list of module names."""
+        return lora_target_names(self.lora_target_modules)
 
 
 @dataclass
@@ -153,11 +159,54 @@ def flag_fields() -> Dict[str, str]:
             for flag in action.option_strings if flag.startswith("--")}
 
 
-def known_flags() -> List[str]:
-    return sorted(flag_fields())
-
-
 FLAG_NAME = re.compile(r"--[A-Za-z_][\w-]*$")
+
+
+def field_of(arg: str) -> Optional[str]:
+    """The dataclass field a command-line word sets, in any spelling argparse takes (--x_y, --x-y, --no_x, --x=v,
+    a renamed flag's old name); None for a value or an unknown flag."""
+    name = arg.partition("=")[0]
+    name = RENAMED_FLAGS.get(underscored(name), name)
+    return flag_fields().get(name)
+
+
+def given_fields(args: Sequence[str]) -> set:
+    """The fields that args set, however each flag is spelt."""
+    return {name for name in map(field_of, args) if name}
+
+
+def flag_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The value args give a flag that takes one (--flag v or --flag=v, any spelling), None if they do not. The last
+    occurrence wins, as in argparse, which is what run_clm.py will use."""
+    wanted, value = field_of(flag), None
+    if wanted is None:
+        raise ValueError(f"{flag} is not a run_clm.py flag")
+    words = split_equals(args)
+    for word, following in zip(words, words[1:]):
+        # --no_x sets field x too, but takes no value: the word after it is another flag
+        if FLAG_NAME.match(word) and field_of(word) == wanted and underscored(word) != f"--no_{wanted}":
+            value = following
+    return value
+
+
+def without_deepspeed(flags: Sequence[str]) -> List[str]:
+    """The flags less --deepspeed: reading its config needs the ranks' process group, so a check made before they
+    start (the local launcher, the preflight) parses the rest and reads the file itself."""
+    out, skip = [], False
+    for flag in split_equals(flags):
+        if skip:
+            skip = False
+        elif field_of(flag) == "deepspeed":
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
+def is_chief_process() -> bool:
+    """Rank 0, or the only process: the one that prints what every rank would. The launchers set RANK before
+    run_clm.py starts, so this holds before anything is parsed."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def split_equals(args: Sequence[str]) -> List[str]:
@@ -174,17 +223,19 @@ def normalize_flags(args: Sequence[str]) -> List[str]:
     out = []
     for arg in split_equals(args):
         name, eq, value = arg.partition("=")
-        canonical = _underscored(name)  # argparse takes --hub-token for --hub_token too
+        canonical = underscored(name)  # argparse takes --hub-token for --hub_token too
         if canonical in REFUSED_FLAGS:
             raise UserError(f"{name} is refused: remove it ({REFUSED_FLAGS[canonical]})")
         if canonical in REMOVED_FLAGS:
             raise UserError(f"{name} no longer exists in transformers 5: remove it ({REMOVED_FLAGS[canonical]})")
-        out.append(RENAMED_FLAGS.get(name, name) + eq + value)
+        out.append(RENAMED_FLAGS.get(canonical, name) + eq + value)
     return out
 
 
-def _underscored(flag: str) -> str:
-    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+def underscored(arg: str) -> str:
+    """A flag's --x_y spelling, without any =value: --x-y=1 -> --x_y."""
+    name = arg.partition("=")[0]
+    return "--" + name[2:].replace("-", "_") if name.startswith("--") else arg
 
 
 def _unknown_flag_error(unknown: Sequence[str]) -> UserError:
@@ -192,9 +243,9 @@ def _unknown_flag_error(unknown: Sequence[str]) -> UserError:
     hints = []
     # Every flag is known in two spellings, --learning_rate and --learning-rate: suggest each once, and never a
     # refused one.
-    candidates = sorted({_underscored(f) for f in known_flags()} - set(REFUSED_FLAGS))
+    candidates = sorted({underscored(f) for f in flag_fields()} - set(REFUSED_FLAGS))
     for flag in flags:
-        close = difflib.get_close_matches(_underscored(flag.split("=")[0]), candidates, n=2)
+        close = difflib.get_close_matches(underscored(flag), candidates, n=2)
         hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
     return UserError(f"unknown run_clm.py flag(s): {', '.join(hints)}; `python run_clm.py --help` lists them")
 
@@ -206,7 +257,8 @@ def parse_input_arguments(
     args = list(sys.argv[1:] if argv is None else argv)
     args.extend(dict2args(hparams.get("training_arguments") or {}))
     args = normalize_flags(args)
-    if _given(args, "--deepspeed"):
+    given = given_fields(args)
+    if "deepspeed" in given:
         args = _apply_dsat_overwrites(args, hparams)
     try:
         model_args, data_args, training_args, unknown = _Parser(DATACLASSES).parse_args_into_dataclasses(
@@ -221,13 +273,13 @@ def parse_input_arguments(
         # Non-reentrant checkpointing works with frozen (LoRA) inputs without enable_input_require_grads.
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
         training_args.gradient_checkpointing_kwargs = training_args.activation_checkpointing_kwargs
-    if not _given(args, "--include_num_input_tokens_seen"):
+    if "include_num_input_tokens_seen" not in given:
         training_args.include_num_input_tokens_seen = "non_padding"  # feeds tokens/s in the callback
-    if not _given(args, "--logging_nan_inf_filter"):
+    if "logging_nan_inf_filter" not in given:
         # The filter reads every micro-step's loss on the host, which makes the host wait for the GPU's backward before
         # it may queue the optimizer step; without it a diverged run logs nan instead of hiding it.
         training_args.logging_nan_inf_filter = False
-    if model_args.use_lora and not _given(args, "--ddp_find_unused_parameters"):
+    if model_args.use_lora and "ddp_find_unused_parameters" not in given:
         # The Trainer has DDP search for unused parameters in any model that is not a PreTrainedModel, a PeftModel
         # included: a walk of the autograd graph at every backward, for nothing, since every adapter gets a gradient.
         training_args.ddp_find_unused_parameters = False
@@ -246,8 +298,15 @@ def parse_input_arguments(
     return model_args, data_args, training_args
 
 
-def _given(args: Sequence[str], flag: str) -> bool:
-    return flag in split_equals(args)
+def parse_model_and_data(args: Sequence[str]) -> Tuple[ModelArguments, DataTrainingArguments]:
+    """run_clm.py's model and data flags, for tools that train nothing: its training flags are taken and ignored,
+    and anything else refused as run_clm.py refuses it."""
+    model_args, data_args, rest = _Parser((ModelArguments, DataTrainingArguments)).parse_args_into_dataclasses(
+        normalize_flags(args), return_remaining_strings=True, look_for_args_file=False)
+    unknown = [arg for arg in rest if arg.startswith("--") and field_of(arg) is None]
+    if unknown:
+        raise _unknown_flag_error(unknown)
+    return model_args, data_args
 
 
 def _apply_dsat_overwrites(args: List[str], hparams: Dict[str, Any]) -> List[str]:

@@ -17,71 +17,13 @@ from typing import Any, Dict, List, Optional
 import determined as det
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints
 
 from swallow_ft.errors import UserError
 from swallow_ft.flops import flops_per_token, peak_flops
+from swallow_ft import checkpoints, searcher
 
-logger = logging.getLogger("swallow_ft.det_callback")
-
-
-def determined_version() -> tuple:
-    return tuple(int(p) for p in det.__version__.split(".")[:2] if p.isdigit())
-
-
-# Searchers that, up to Determined 0.37, lengthen a trial by handing it one operation after another.
-LEGACY_MULTI_OPERATION = ("adaptive_asha", "async_halving", "adaptive", "adaptive_simple", "pbt")
-
-
-def check_searcher_length(searcher: Dict[str, Any], args: TrainingArguments) -> Optional[str]:
-    """Return why the searcher's training length disagrees with the Trainer's, or None.
-
-    Determined 0.38 ASHA searchers count `max_time` in `time_metric` units (batches or epochs) and
-    stop a trial when it reports that much progress; if that differs from --max_steps or
-    --num_train_epochs the search silently trains a different budget than the one it schedules.
-    """
-    if args.max_steps > 0:
-        unit, length, flag = "batches", args.max_steps, "--max_steps"
-    else:
-        unit, length, flag = "epochs", args.num_train_epochs, "--num_train_epochs"
-    name = searcher.get("name")
-    if name in LEGACY_MULTI_OPERATION and determined_version() < (0, 38):
-        return (f"searcher {name} on Determined {det.__version__} gives each trial several searcher operations, "
-                f"and this callback follows one per trial: use Determined 0.38, or a single, random or grid searcher")
-    max_length = searcher.get("max_length")
-    if isinstance(max_length, dict) and max_length:
-        search_unit, search_len = next(iter(max_length.items()))
-        if (search_unit, search_len) != (unit, length):
-            return (f"searcher.max_length is {{{search_unit}: {search_len}}} but {flag} gives {unit}={length}; "
-                    f"make them equal (max_length is deprecated on Determined 0.38: prefer max_time/time_metric)")
-    elif isinstance(max_length, int):
-        return f"searcher.max_length needs a unit: use max_length: {{{unit}: {length}}} (or max_time/time_metric)"
-    elif name in ("adaptive_asha", "async_halving"):
-        time_metric, max_time = searcher.get("time_metric"), searcher.get("max_time")
-        if time_metric is None or max_time is None:
-            return (f"searcher {name} on Determined 0.38 needs time_metric and max_time: "
-                    f"use time_metric: {unit} and max_time: {length} (matching {flag})")
-        if time_metric in ("batches", "epochs") and (time_metric, max_time) != (unit, length):
-            return (f"searcher.max_time is {max_time} {time_metric} but {flag} gives {unit}={length}; "
-                    f"set max_time: {length} and time_metric: {unit}, or change {flag}")
-    return None
-
-
-def asha_rungs(searcher: Dict[str, Any]) -> List[int]:
-    """Where a Determined 0.38 ASHA searcher judges trials, in its time_metric: max_time / divisor^k, k < max_rungs."""
-    if searcher.get("name") not in ("adaptive_asha", "async_halving") or not searcher.get("max_time"):
-        return []
-    rungs = searcher.get("max_rungs") or searcher.get("num_rungs") or 5
-    divisor = searcher.get("divisor") or 4
-    return sorted({max(int(searcher["max_time"] / divisor ** k), 1) for k in range(rungs)})
-
-
-def unevaluated_rungs(searcher: Dict[str, Any], args: TrainingArguments) -> List[int]:
-    """The ASHA rungs (in batches) at which no evaluation happens: the searcher judges them by a later one."""
-    if searcher.get("time_metric") != "batches" or args.eval_strategy != "steps":
-        return []
-    every = args.eval_steps if args.eval_steps >= 1 else max(1, round(args.eval_steps * args.max_steps))
-    return [rung for rung in asha_rungs(searcher) if rung % every and rung < args.max_steps]
+logger = logging.getLogger(__name__)
 
 
 def training_complete(args: TrainingArguments, state: TrainerState) -> bool:
@@ -136,19 +78,6 @@ class StepClock:
         return seconds
 
 
-def upload_checkpoint(core_context: det.core.Context, output_dir: str, folder: str, metadata: Dict[str, Any]) -> str:
-    """Upload `output_dir/folder` from every node into one checkpoint; a collective, called by every rank.
-
-    The ranks of a node share `output_dir` and each writes its own files into the folder (ZeRO-3's zero_pp_rank_*,
-    rng_state_*). One process per node lists and uploads them all: were every rank to list the folder, each would see
-    its neighbours' files as conflicts, and Determined settles a conflict by reading the whole file into memory to
-    hash it, on every rank (about 100 GB per save per node for a 7B full fine-tune on 8 GPUs)."""
-    node_leader = core_context.distributed.local_rank == 0
-    return core_context.checkpoint.upload(
-        output_dir if node_leader else None, metadata=metadata, shard=True,
-        selector=(lambda path: path.startswith(folder + "/")) if node_leader else None)
-
-
 class DetCallback(TrainerCallback):
     """Report metrics and progress, upload checkpoints, restore, and honour preemption.
 
@@ -177,11 +106,20 @@ class DetCallback(TrainerCallback):
         self.searcher_metric = self.searcher_config.get("metric")
         self._check_searcher(args, strict_searcher)
 
-        self.resume_from_checkpoint = self._restore(latest_checkpoint, args) if latest_checkpoint else None
+        if self.trial_id is not None:
+            checkpoints.clear_earlier_attempts(core_context, args.output_dir)
+        start = (checkpoints.download_starting_point(core_context, latest_checkpoint, args.output_dir, self.trial_id)
+                 if latest_checkpoint else None)
+        # The Trainer resumes this trial's own checkpoint; another trial's gives only its adapter (run_clm.main).
+        self.resume_from_checkpoint = start.path if start and not start.warm_start else None
+        self.warm_start = start if start and start.warm_start else None
+        if start:
+            logger.info("%s checkpoint %s (%s)", "warm-starting from" if start.warm_start else "resuming from",
+                        latest_checkpoint, start.path)
         # Determined <= 0.37 tracks trial progress through searcher operations, and DSAT's
         # dsat_reporting_context needs the current one; 0.38 replaced them with report_progress.
         self.current_op = None
-        if determined_version() < (0, 38) and core_context.searcher is not None:
+        if searcher.determined_version() < (0, 38) and core_context.searcher is not None:
             self.current_op = next(iter(core_context.searcher.operations()))
 
         self.last_train_report = self.last_eval_report = self.last_save = -1
@@ -197,27 +135,16 @@ class DetCallback(TrainerCallback):
 
     # ----- start-up -------------------------------------------------------------------------------
     def _check_searcher(self, args: TrainingArguments, strict: bool) -> None:
-        problem = check_searcher_length(self.searcher_config, args) if self.searcher_config else None
-        if problem and strict:
-            raise UserError(problem)
-        if problem:
+        problems = searcher.searcher_problems(self.searcher_config, args)
+        if problems and strict:
+            raise UserError("; ".join(problems))
+        for problem in problems:
             logger.warning("%s (ignored locally: the searcher only runs on a cluster)", problem)
-        missed = unevaluated_rungs(self.searcher_config, args)
+        missed = searcher.unevaluated_rungs(self.searcher_config, args)
         if missed:
             logger.warning("searcher %s judges trials at %s batches, where --eval_steps %s evaluates nothing: set "
-                           "--eval_steps to a divisor of the rungs, or max_rungs/divisor to rungs it evaluates at",
+                           "--eval_steps to a divisor of the rungs, or max_rungs/divisor/max_trials to rungs it evaluates at",
                            self.searcher_config["name"], missed, args.eval_steps)
-
-    def _restore(self, storage_id: str, args: TrainingArguments) -> str:
-        # A directory of its own, so stale checkpoint-N folders in output_dir are never mistaken
-        # for the one Determined handed us.
-        target = os.path.join(args.output_dir, "restored", storage_id)
-        self.core_context.checkpoint.download(storage_id, target)
-        path = get_last_checkpoint(target)
-        if path is None:
-            raise RuntimeError(f"checkpoint {storage_id} holds no checkpoint-N directory; cannot resume from it")
-        logger.info("resuming from checkpoint %s (%s)", storage_id, path)
-        return path
 
     # ----- per step -------------------------------------------------------------------------------
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
@@ -235,18 +162,24 @@ class DetCallback(TrainerCallback):
             self._report_progress(args, state)
         # Every rank asks every step (the chief answers for all), so a preempted trial stops at the
         # next step boundary with a checkpoint instead of waiting for a logging step.
-        if not self.core_context.preempt.should_preempt(auto_ack=False):
-            return
+        if self._preemption_accepted(args, state):
+            control.should_evaluate = False  # it evaluates when it finishes, after its restart
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _preemption_accepted(self, args: TrainingArguments, state: TrainerState) -> bool:
+        """Whether the master asked this trial to stop and it will; a collective, every rank calls it."""
+        if self.preempted or not self.core_context.preempt.should_preempt(auto_ack=False):
+            return False
         if training_complete(args, state):
             # Acknowledging asks the master to restart the trial later; exiting without it completes the trial.
             # A restart would load the whole model to train nothing.
             logger.info("preemption requested at the last step: finishing the trial instead")
-            return
+            return False
         if self.core_context.distributed.rank == 0:
             self.core_context.preempt.acknowledge_preemption_signal()
         self.preempted = True
-        control.should_save = True
-        control.should_training_stop = True
+        return True
 
     def _report_progress(self, args: TrainingArguments, state: TrainerState) -> None:
         if args.max_steps > 0:
@@ -314,18 +247,24 @@ class DetCallback(TrainerCallback):
         metadata = {"steps_completed": state.global_step}
         if self.trial_id is not None:
             metadata["trial_id"] = self.trial_id
-        self.last_storage_id = upload_checkpoint(self.core_context, args.output_dir, folder, metadata)
+        self.last_storage_id = checkpoints.upload_checkpoint(self.core_context, args.output_dir, folder, metadata)
         if self.core_context.distributed.local_rank == 0 and not state.is_world_process_zero:
             # The Trainer deletes old checkpoint folders on process 0 only; every other node keeps its ranks'
             # ZeRO shards of each one until its disk fills. They are in checkpoint storage now.
             rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
+        # A preemption that came during this step's evaluation or save stops the trial on this checkpoint, not after
+        # another step and another checkpoint.
+        if self._preemption_accepted(args, state):
+            control.should_training_stop = True
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not (training_complete(args, state) or control.should_training_stop):
             return
         # The last chance to evaluate and checkpoint: Determined needs both at the end of a trial. A preempted
         # trial only checkpoints: it evaluates when it finishes, after its restart.
-        if state.global_step > self.last_eval_report and not self.preempted and args.eval_strategy != "no":
+        if self.preempted:
+            control.should_evaluate = False  # the Trainer's flow asks for one at the end of an epoch
+        elif state.global_step > self.last_eval_report and args.eval_strategy != "no":
             control.should_evaluate = True
         if state.global_step > self.last_save:
             control.should_save = True

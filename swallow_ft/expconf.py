@@ -78,9 +78,13 @@ def _master_rules(config, version):
     trials = searcher.get("max_trials")
     if name in NEED_MAX_TRIALS and _is_number(trials) and trials < 1:
         yield "searcher.max_trials", f"must be >= 1 for the {name} searcher, got {trials}; set how many trials to run"
+    # Reported here only: the master refuses the experiment without them, so swallow_ft/searcher.py, which checks
+    # their values against the Trainer's flags, leaves a missing one to this.
     if name in ASHA_LIKE and new:
-        for key, fix in (("max_time", "the training length in time_metric units, e.g. 1000"),
-                         ("time_metric", "the reported metric that counts progress, e.g. batches")):
+        for key, fix in (("max_time", "the trial's length in time_metric units: --max_steps for batches, "
+                                      "--num_train_epochs for epochs"),
+                         ("time_metric", "batches (with max_time equal to --max_steps) or epochs (with "
+                                         "--num_train_epochs), the progress counters the trial reports")):
             if searcher.get(key) is None:
                 yield f"searcher.{key}", f"is required for {name} in Determined 0.38 and later; set it to {fix}"
     elif name in ASHA_LIKE and searcher.get("max_length") is None:

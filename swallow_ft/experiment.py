@@ -8,13 +8,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from swallow_ft.errors import UserError
 
 SEARCHED_TYPES = ("int", "double", "log", "categorical")
+TRAINING_ARGUMENTS = "training_arguments."  # hyperparameters under this key become run_clm.py flags
 SCRIPT_NAME = "run_clm.py"
 ONE_COMMAND = f"python3 -m determined.launch.… python3 {SCRIPT_NAME} …"
 # One piece of a string entrypoint, as sh reads it outside quotes (DOTALL: an escaped character may be a newline).
@@ -200,11 +201,12 @@ class Experiment:
                 return tokens[i + 1:]
         raise UserError(f"{self.path}: entrypoint does not run {SCRIPT_NAME}: {' '.join(tokens)}")
 
-    def flags(self, overrides: Sequence[str]) -> List[str]:
-        """What a local trial passes to run_clm.py: entrypoint flags, then training_arguments."""
+    def flags(self, overrides: Sequence[str] = (), sampled: bool = False) -> List[str]:
+        """What a local trial passes to run_clm.py: entrypoint flags, then training_arguments. sampled: searched
+        hyperparameters take one trial's values (sample_hparams), for tools that train nothing."""
         from swallow_ft.arguments import dict2args, split_equals
 
-        hparams = self.hparams_for_local_run(overrides)
+        hparams = self.sample_hparams() if sampled else self.hparams_for_local_run(overrides)
         return split_equals(self.script_args()) + dict2args(hparams.get("training_arguments") or {})
 
     def uses_deepspeed_launcher(self) -> bool:
@@ -216,37 +218,80 @@ class Experiment:
         Constants are unwrapped. A searched hyperparameter has no single value, so unless the user
         pins it with a flag on the command line it is an error that names that flag.
         """
-        flags_given = {arg.split("=")[0] for arg in overrides if arg.startswith("--")}
-        return {key: self._resolve(key, value, flags_given)
+        from swallow_ft.arguments import field_of, given_fields
+
+        pinned = given_fields(overrides)
+
+        def pick(dotted: str, spec: Dict[str, Any]) -> Any:
+            flag = f"--{dotted[len(TRAINING_ARGUMENTS):]}" if dotted.startswith(TRAINING_ARGUMENTS) else None
+            if flag and field_of(flag) in pinned:
+                return None  # the command-line override is appended after it and wins
+            hint = (f"pass {flag} VALUE after --config to fix it for this run" if flag and field_of(flag)
+                    else "give it a constant value for local runs")
+            raise UserError(f"{self.path}: hyperparameters.{dotted} is searched (type: {spec['type']}) and a local "
+                            f"run trains one trial: {hint}")
+
+        return self.sample_hparams(pick)
+
+    def sample_hparams(self, pick: Optional[Callable[[str, Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
+        """Hyperparameters as one trial of the search could get them. pick(dotted name, its spec) gives a searched
+        one's value, None to leave it out; by default the lowest value (a range's lower end, the first category)."""
+        def lowest(dotted: str, spec: Dict[str, Any]) -> Any:
+            return (self._bounds(dotted, spec) or [None])[0]
+
+        return {key: self._resolve(key, value, pick or lowest)
                 for key, value in (self.config.get("hyperparameters") or {}).items()}
 
-    def sample_hparams(self) -> Dict[str, Any]:
-        """Hyperparameters as one trial of the search could get them (each range's lower end)."""
-        return {key: self._resolve(key, value, set(), sample=True)
-                for key, value in (self.config.get("hyperparameters") or {}).items()}
+    def search_space(self) -> List[Tuple[str, Any]]:
+        """(dotted name, value) for each value of a searched hyperparameter that bounds what a trial can draw, as the
+        master hands it over: every category, and both ends of an int range, or of a double or log one as floats."""
+        space: List[Tuple[str, Any]] = []
 
-    def _resolve(self, key: str, value: Any, flags_given: set, prefix: str = "", sample: bool = False) -> Any:
+        def note(dotted: str, spec: Dict[str, Any]) -> None:
+            space.extend((dotted, value) for value in self._bounds(dotted, spec))
+
+        self.sample_hparams(note)
+        return space
+
+    def refused_search_values(self, args: Sequence[str]) -> List[str]:
+        """A problem for each value a trial could draw (search_space) that run_clm.py would refuse in that trial,
+        with these flags from the entrypoint and the constant hyperparameters."""
+        from swallow_ft.arguments import parse_input_arguments
+
+        problems = []
+        for dotted, value in self.search_space():
+            try:
+                parse_input_arguments(self.sample_hparams(lambda name, spec: value if name == dotted else None), args)
+            except UserError as exc:
+                why = str(exc).removeprefix("run_clm.py: ")
+                problems.append(f"{self.path}: hyperparameters.{dotted}: a trial can draw {value!r}, which "
+                                f"run_clm.py refuses ({why}): change the search to values it takes")
+        return problems
+
+    def _bounds(self, dotted: str, spec: Dict[str, Any]) -> List[Any]:
+        """The values of a searched hyperparameter that bound the rest, in the types the master draws them in."""
+        if spec["type"] == "categorical":
+            return list(spec.get("vals") or [])
+        ends = [spec.get("minval", 0), spec.get("maxval", 0)]
+        base = spec.get("base", 10) if spec["type"] == "log" else 1
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ends + [base]):
+            raise UserError(f"{self.path}: hyperparameters.{dotted}: minval, maxval and base must be numbers, got "
+                            f"{ends[0]!r}, {ends[1]!r} and {base!r}")
+        if spec["type"] == "log":
+            return [float(base) ** end for end in ends]
+        return ends if spec["type"] == "int" else [float(end) for end in ends]
+
+    def _resolve(self, key: str, value: Any, pick: Callable[[str, Dict[str, Any]], Any], prefix: str = "") -> Any:
         dotted = f"{prefix}{key}"
         if not isinstance(value, dict):
             return value
         kind = value.get("type")
         if kind == "const":
             return value.get("val")
-        if sample and kind in SEARCHED_TYPES:
-            if kind == "categorical":
-                return (value.get("vals") or [None])[0]
-            return value.get("base", 10) ** value.get("minval", 0) if kind == "log" else value.get("minval")
         if kind in SEARCHED_TYPES:
-            flag = f"--{key}"
-            if prefix == "training_arguments." and flag in flags_given:
-                return None  # the command-line override is appended after it and wins
-            hint = (f"pass {flag} VALUE after --config to fix it for this run" if prefix == "training_arguments."
-                    else "give it a constant value for local runs")
-            raise UserError(f"{self.path}: hyperparameters.{dotted} is searched (type: {kind}) and a local run "
-                            f"trains one trial: {hint}")
+            return pick(dotted, value)
         if kind is None:  # a nested mapping of hyperparameters
-            resolved = {k: self._resolve(k, v, flags_given, prefix=f"{dotted}.", sample=sample)
-                        for k, v in value.items()}
+            resolved = {k: self._resolve(k, v, pick, prefix=f"{dotted}.") for k, v in value.items()}
             return {k: v for k, v in resolved.items() if v is not None}
         raise UserError(f"{self.path}: hyperparameters.{dotted} has unknown type {kind!r} "
                         f"(use const, int, double, log or categorical)")

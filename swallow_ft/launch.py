@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Sequence
+from typing import List, Sequence
 
 from swallow_ft.local_core import abort_message
 
-logger = logging.getLogger("swallow_ft.runtime")
+logger = logging.getLogger(__name__)
 
 LAUNCHED_ENV = "SWALLOW_FT_LAUNCHED"  # set by our torchrun re-launch, so children do not launch again
 PREEMPT_FILE_ENV = "SWALLOW_FT_PREEMPT_FILE"  # the launcher creates this file to preempt its ranks
@@ -43,7 +43,7 @@ def relaunch(job, argv: Sequence[str], script: str) -> int:
     """
     nproc = job.experiment.slots_per_trial if job.experiment else 1
     cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}",
-           script, *[a for a in argv if a != "--fresh"]]
+           script, *without_fresh(argv)]
     preempt_file = job.run_dir / "output" / ".preempt"
     preempt_file.parent.mkdir(parents=True, exist_ok=True)
     logger.info("launching %d processes: torchrun %s", nproc, " ".join(cmd[3:]))
@@ -71,6 +71,12 @@ def relaunch(job, argv: Sequence[str], script: str) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def without_fresh(argv: Sequence[str]) -> List[str]:
+    """run_clm.py's arguments less --fresh, which the first process has already acted on: the ranks it starts, and a
+    rerun that resumes, must not start over."""
+    return [arg for arg in argv if arg != "--fresh"]
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -5,10 +5,10 @@ import difflib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import astuple, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from swallow_ft.errors import UserError
 
@@ -24,6 +24,15 @@ _CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_
                 "intermediate_size", "vocab_size")  # in ModelShape's field order
 
 
+def lora_target_names(targets: Union[str, Sequence[str]]) -> Union[str, List[str]]:
+    """--lora_target_modules as peft takes it: "all-linear", or module names from a list or the comma-separated text
+    (blanks around and between commas ignored, as in "q_proj, v_proj,")."""
+    if targets == "all-linear":
+        return "all-linear"
+    names = targets.split(",") if isinstance(targets, str) else targets
+    return [name.strip() for name in names if name.strip()]
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden_size: int
@@ -36,6 +45,10 @@ class ModelShape:
     model_type: str = "llama"
     max_positions: Optional[int] = None  # max_position_embeddings: the longest row RoPE was trained for
     rope_scaling: bool = False  # the config stretches RoPE (llama3, linear, dynamic): rows may be longer
+
+    def config_sizes(self) -> Dict[str, int]:
+        """The sizes as transformers config fields (hidden_size, ...): from_config's inverse, to build a model."""
+        return dict(zip(_CONFIG_KEYS, astuple(self)))
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -84,9 +97,9 @@ class ModelShape:
     def lora_targets(self, targets: Union[str, Sequence[str]]) -> list:
         """peft's "all-linear" is every linear layer but the output layer (lm_head); else names, or the
         comma-separated string --lora_target_modules takes."""
+        targets = lora_target_names(targets)
         if targets == "all-linear":
             return list(LAYER_LINEARS)
-        targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
         unknown = set(targets) - self.linear_module_names()
         if unknown:
             raise ValueError(f"LoRA targets {sorted(unknown)} are not linear modules of {self.model_type}")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from swallow_ft.arguments import ModelArguments
 from swallow_ft.errors import UserError
 
-logger = logging.getLogger("swallow_ft.model")
+logger = logging.getLogger(__name__)
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
 
 
@@ -33,7 +33,8 @@ def from_pretrained(load, name: str, flag: str = "--model_name_or_path", **kwarg
         if Path(name).exists():  # a local folder: a broken file in it is not a Hub problem
             raise
         raise UserError(f"{flag} {name}: {' '.join(str(exc).split())} (a Hub id is read from the HF cache when "
-                        "offline; a gated model needs HF_TOKEN or `hf auth login`)") from exc
+                        "offline, and HF_HUB_OFFLINE=1 skips the Hub's retries; a gated model needs HF_TOKEN or "
+                        "`hf auth login`)") from exc
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
@@ -115,11 +116,13 @@ def choose_attention(requested: str, packing: bool) -> str:
     return "sdpa"
 
 
-def load_model(model_args: ModelArguments, training_args: TrainingArguments, packing: bool = False):
+def load_model(model_args: ModelArguments, training_args: TrainingArguments, packing: bool = False,
+               adapter_from: Optional[str] = None):
     """Load the base model (partitioned at load time under ZeRO-3) and wrap it with LoRA if asked.
 
     TrainingArguments must exist before this call: with a ZeRO-3 config it registers DeepSpeed's
     zero.Init, so each rank only ever materialises its own shard of a 70B model in host RAM.
+    adapter_from: a checkpoint folder whose adapter weights the new adapters start from (a warm start).
     """
     attention = choose_attention(model_args.attn_implementation, packing)
     if attention != model_args.attn_implementation:
@@ -136,14 +139,31 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, pac
         # copies for backward; ZeRO-1/2 cast them back to 16 bits, ZeRO-3's zero.Init models are left as they are.
         deepspeed_16bit = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
         model = add_lora(model, model_args, adapters_in_base_dtype=deepspeed_16bit)
+        if adapter_from:
+            load_adapter_weights(model, adapter_from)
     return model
+
+
+def load_adapter_weights(model, checkpoint: str) -> None:
+    """Copy a saved adapter's weights into the model's adapters, which must have the same targets and rank."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    result = set_peft_model_state_dict(model, load_peft_weights(checkpoint, device="cpu"))
+    # Every base weight is "missing" from an adapter's file; only an adapter weight left out is a mismatch.
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise UserError(f"{checkpoint}: its adapter does not fit this run's LoRA layers ({len(missing)} missing, "
+                        f"{len(result.unexpected_keys)} unexpected weights, e.g. "
+                        f"{(missing + list(result.unexpected_keys))[0]}): use the --lora_target_modules it was "
+                        "trained with")
+    logger.info("LoRA adapters start from %s", checkpoint)
 
 
 def add_lora(model, model_args: ModelArguments, adapters_in_base_dtype: bool = False):
     from peft import LoraConfig, get_peft_model
 
-    targets = model_args.lora_target_modules
-    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    target_modules = model_args.lora_targets
     if isinstance(target_modules, list):
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = sorted(set(target_modules) - names)
@@ -156,6 +176,7 @@ def add_lora(model, model_args: ModelArguments, adapters_in_base_dtype: bool = F
     model = get_peft_model(model, config, autocast_adapter_dtype=not adapters_in_base_dtype)
     trainable, total = model.get_nb_trainable_parameters()
     dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
-    logger.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%), in %s", model_args.lora_r, targets,
+    logger.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%), in %s", model_args.lora_r,
+                model_args.lora_target_modules,
                 f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), str(dtype).replace("torch.", ""))
     return model

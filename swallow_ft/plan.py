@@ -266,20 +266,16 @@ def _short_names_hint(name: str) -> str:
 def check_same_model(path: Path, model: str, shape: memory.ModelShape) -> None:
     """Refuse to write a plan into an experiment that trains another model: its batch sizes would not fit, or would
     waste the GPUs. The names may differ (swallow-70b, tokyotech-llm/Swallow-70b-instruct-v0.1); the shapes may not."""
-    from swallow_ft.arguments import split_equals
+    from swallow_ft.arguments import flag_value
     from swallow_ft.experiment import Experiment
 
-    args = split_equals(Experiment.load(path).script_args())
-
-    def value(flag: str) -> Optional[str]:
-        return args[args.index(flag) + 1] if flag in args[:-1] else None
-
-    trains = value("--model_name_or_path")
+    args = Experiment.load(path).script_args()
+    trains = flag_value(args, "--model_name_or_path")
     if trains is None:  # nothing to contradict; the preflight reports the missing flag
         return
     fix = f"pass --model {trains}, or edit --model_name_or_path in {path}"
     try:
-        theirs = resolve_shape(trains, value("--cache_dir"))
+        theirs = resolve_shape(trains, flag_value(args, "--cache_dir"))
     except UserError as exc:
         raise UserError(f"--write {path}: its --model_name_or_path {exc}") from None
     if theirs is None:

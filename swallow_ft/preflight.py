@@ -9,6 +9,7 @@ model and memory checks again at start-up, before any weights load.
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,27 +17,27 @@ from pathlib import Path
 from typing import List, Optional
 
 from swallow_ft import expconf
-from swallow_ft.arguments import known_flags, parse_input_arguments
-from swallow_ft.det_callback import check_searcher_length
+from swallow_ft.arguments import (RENAMED_FLAGS, flag_fields, flag_value, is_chief_process, parse_input_arguments,
+                                  split_equals, underscored, without_deepspeed)
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
 from swallow_ft.gpus import gpu_gib, gpu_memory_for_pool
+from swallow_ft.searcher import determined_version, searcher_problems
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("determined.launch.deepspeed", "determined.launch.torch_distributed", "determined.launch.horovod")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+# DSAT is launched from the CLI (python -m determined.pytorch.dsat asha EXPERIMENT.yaml .) with an ordinary experiment
+# file: a DSAT experiment says so by this label, which the Web UI shows too.
+DSAT_LABEL = "dsat"
 
 
 @dataclass
 class Findings:
     problems: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
-
-
-def installed_determined_version() -> tuple:
-    from swallow_ft.det_callback import determined_version
-
-    return determined_version()
 
 
 def find_file(name: str, experiment_dir: Path) -> Optional[Path]:
@@ -51,17 +52,17 @@ def check_entrypoint(exp: Experiment, flags: List[str], found: Findings) -> None
     tokens = exp.entrypoint_tokens()
     launcher = next((t for t in tokens if t in LAUNCHERS), None)
     where = f"{exp.path}: entrypoint"
-    if "--deepspeed" in flags and launcher != "determined.launch.deepspeed":
+    if flag_value(flags, "--deepspeed") is not None and launcher != "determined.launch.deepspeed":
         found.problems.append(f"{where}: --deepspeed needs the DeepSpeed launcher: start it with "
                               "'python3 -m determined.launch.deepspeed python3 run_clm.py ...'")
     if exp.slots_per_trial > 1 and launcher is None:
         found.problems.append(f"{where}: slots_per_trial is {exp.slots_per_trial} but nothing starts one process per "
                               "GPU: prefix 'python3 -m determined.launch.torch_distributed' (or .deepspeed)")
-    if "--evaluation_strategy" in flags:
-        found.problems.append(f"{where}: --evaluation_strategy was renamed --eval_strategy in transformers 5 "
+    for old in sorted({underscored(flag) for flag in flags} & set(RENAMED_FLAGS)):
+        found.problems.append(f"{where}: {old} was renamed {RENAMED_FLAGS[old]} in transformers 5 "
                               "(run_clm.py still accepts the old name, other tools do not): rename it")
     training_flags = ((exp.config.get("hyperparameters") or {}).get("training_arguments") or {})
-    unknown = sorted(set(f"--{k}" for k in training_flags) - set(known_flags()))
+    unknown = sorted(f"--{k}" for k in training_flags if f"--{k}" not in flag_fields())
     for flag in unknown:
         found.problems.append(f"{exp.path}: hyperparameters.training_arguments.{flag[2:]} is not a run_clm.py flag; "
                               "training_arguments keys become --flags, so rename or move it")
@@ -141,8 +142,7 @@ def check_data(data_args, found: Findings) -> None:
 def check_rows(dataset, source: str, shape: str, skip_bad_rows: bool, found: Findings) -> None:
     """Every row through to_conversation, the first step of tokenising: run_clm.py stops at the first bad row, or
     under --skip_bad_rows drops and counts them. Raises the first BadRow unless skip_bad_rows."""
-    from swallow_ft.data.shapes import row_name
-    from swallow_ft.data.shapes import BadRow, to_conversation
+    from swallow_ft.data.shapes import BadRow, row_name, to_conversation
 
     bad, first = 0, None
     for index, row in enumerate(dataset):
@@ -171,8 +171,8 @@ def check_kernels(model_args, training_args, ds_config: dict, found: Findings, w
         found.problems.append(f"{where}: --use_liger_kernel with ZeRO-3: Liger's fused cross-entropy reads "
                               "lm_head.weight, which ZeRO-3 keeps sharded; drop --use_liger_kernel "
                               "(python -m swallow_ft.plan leaves it out under ZeRO-3)")
-    if training_args.use_liger_kernel and model_args.use_lora and \
-            "lm_head" in [t.strip() for t in model_args.lora_target_modules.split(",")]:
+    if training_args.use_liger_kernel and model_args.use_lora and model_args.lora_targets != "all-linear" and \
+            "lm_head" in model_args.lora_targets:
         found.problems.append(f"{where}: --lora_target_modules lm_head with --use_liger_kernel: Liger's fused loss "
                               "reads lm_head's base weight, so that adapter would never train; drop lm_head or "
                               "--use_liger_kernel")
@@ -221,9 +221,9 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
         found.notes.append(f"model {model_args.model_name_or_path}: config not available offline; "
                            "memory not estimated")
         return
-    targets = model_args.lora_target_modules
+    targets = model_args.lora_targets
     if model_args.use_lora and targets != "all-linear":
-        missing = sorted({t.strip() for t in targets.split(",") if t.strip()} - set(shape.linear_module_names()))
+        missing = sorted(set(targets) - shape.linear_module_names())
         if missing:
             found.problems.append(f"{where}: --lora_target_modules: {', '.join(missing)} not in {shape.model_type}; "
                                   f"use some of {', '.join(sorted(shape.linear_module_names()))} or all-linear")
@@ -235,7 +235,7 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
     settings = dict(
         gpus=slots, zero_stage=zero.get("stage", 0), micro_batch=training_args.per_device_train_batch_size,
         seq_len=data_args.block_size or 2048, lora_r=model_args.lora_r if model_args.use_lora else None,
-        lora_targets=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        lora_targets=targets,
         lora_dropout=model_args.lora_dropout,
         gradient_checkpointing=training_args.activation_checkpointing,
         weight_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
@@ -263,9 +263,6 @@ def check_model_and_memory(model_args, data_args, training_args, slots: int, ds_
 
 def startup_checks(model_args, data_args, training_args, world_size: Optional[int] = None) -> None:
     """What run_clm.py re-checks before loading weights; problems stop it, memory only warns."""
-    import logging
-    import os
-
     import torch
 
     found = Findings()
@@ -280,45 +277,49 @@ def startup_checks(model_args, data_args, training_args, world_size: Optional[in
                            where="run_clm.py", strict_memory=False)
     if found.problems:
         raise UserError("\n".join(found.problems))
-    if os.environ.get("RANK", "0") == "0":
+    if is_chief_process():
         for note in found.notes:
-            logging.getLogger("swallow_ft.preflight").info(note)
+            logger.info(note)
 
 
 def check_experiment(path, gpu_mem: Optional[float] = None, version: Optional[tuple] = None,
                      dsat: bool = False) -> Findings:
     """gpu_mem: GiB per GPU, as torch.cuda reports it (main reads --gpu-mem 80 as 79.1); default: the resource
     pool's card."""
-    from swallow_ft.runtime import without_deepspeed
-
     found = Findings()
-    version = version or installed_determined_version()
+    version = version or determined_version()
     try:
         exp = Experiment.load(path)
         found.problems += [f"{exp.path}: {message}" for message in expconf.validate(exp.config, version)]
-        flags = exp.script_args()
+        flags = split_equals(exp.script_args())
         check_entrypoint(exp, flags, found)
         note_cluster_names(exp, found)
+        args = without_deepspeed(flags) + ["--use_cpu", "true"]
+        # The entrypoint and the constants first, so that what a searched value breaks is blamed on it alone.
+        parse_input_arguments(exp.sample_hparams(lambda dotted, spec: None), args)
+        searched = exp.refused_search_values(args)
+        if searched:
+            found.problems += searched
+            return found
         hparams = exp.sample_hparams()
-        model_args, data_args, training_args = parse_input_arguments(
-            hparams, without_deepspeed(flags) + ["--use_cpu", "true"])
+        model_args, data_args, training_args = parse_input_arguments(hparams, args)
     except UserError as exc:
         found.problems.append(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
         return found
-    if dsat and version >= (0, 38):
+    labels = exp.config.get("labels")
+    if (dsat or isinstance(labels, list) and DSAT_LABEL in labels) and version >= (0, 38):
         found.problems.append(f"{path}: DSAT needs Determined <= 0.37 (0.38 removed determined.pytorch.dsat): "
-                              "use a 0.37 cluster and CLI, or use the planner: python -m swallow_ft.plan --model M "
-                              "--gpus N --gpu-mem GIB --write EXPERIMENT.yaml")
-    problem = check_searcher_length(exp.searcher, training_args) if exp.searcher else None
-    if problem:
-        found.problems.append(f"{path}: {problem}")
+                              "use a 0.37 cluster and CLI (--determined-version 0.37 checks for one), or use the "
+                              "planner: python -m swallow_ft.plan --model M --gpus N --gpu-mem GIB --write "
+                              "EXPERIMENT.yaml")
+    found.problems += [f"{path}: {problem}" for problem in searcher_problems(exp.searcher, training_args, version)]
     metric = exp.searcher.get("metric", "")
     if metric.startswith("eval_") and training_args.eval_strategy == "no":
         found.problems.append(f"{path}: searcher.metric is {metric} but evaluation is off: add --eval_strategy steps "
                               "and --eval_steps N to the entrypoint")
     ds_config = {}
     deepspeed_readable = True
-    name = flags[flags.index("--deepspeed") + 1] if "--deepspeed" in flags else None
+    name = flag_value(flags, "--deepspeed")
     if name:
         ds_config = check_deepspeed_config(find_file(name, exp.path.parent), training_args, exp.slots_per_trial,
                                            found, str(path), name)
@@ -371,7 +372,8 @@ def main(argv=None) -> int:
                         "(80, 40, 141) is read as that, as the planner reads it: 80 as 79.1 (default: from "
                         "resources.resource_pool)")
     parser.add_argument("--determined-version", help="check for this Determined version (default: installed)")
-    parser.add_argument("--dsat", action="store_true", help="the experiment will be launched with DSAT")
+    parser.add_argument("--dsat", action="store_true", help="the experiment will be launched with DSAT (implied by "
+                        f"labels: [{DSAT_LABEL}] in the YAML)")
     args = parser.parse_args(argv)
     version = tuple(int(p) for p in args.determined_version.split(".")[:2]) if args.determined_version else None
     gpu_mem = None if args.gpu_mem is None else gpu_gib(args.gpu_mem)[0]

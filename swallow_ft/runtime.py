@@ -20,7 +20,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import determined as det
 
-from swallow_ft.arguments import parse_input_arguments, split_equals
+from swallow_ft import arguments
+from swallow_ft.arguments import flag_value, given_fields, parse_input_arguments, split_equals, without_deepspeed
 from swallow_ft.errors import UserError
 from swallow_ft.experiment import Experiment
 from swallow_ft.local_core import (
@@ -28,17 +29,17 @@ from swallow_ft.local_core import (
     LocalTrainContext,
     SignalPreemptContext,
     abort_message,
-    check_same_run,
     latest_checkpoint,
     remove,
     start_over,
     truncate_metrics,
 )
-from swallow_ft.launch import LAUNCHED_ENV, PORTS_ENV, PREEMPT_FILE_ENV, die_with_parent
+from swallow_ft.launch import LAUNCHED_ENV, PORTS_ENV, PREEMPT_FILE_ENV, die_with_parent, without_fresh
 from swallow_ft.preflight import startup_checks
+from swallow_ft.run_record import check_same_run
 
-logger = logging.getLogger("swallow_ft.runtime")
-
+logger = logging.getLogger(__name__)
+is_chief_process = arguments.is_chief_process  # run_clm.py's name for it
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Job:
     run_dir: Optional[Path] = None
     checkpoint_dir: Optional[Path] = None
     latest_checkpoint: Optional[str] = None
+    argv: List[str] = field(default_factory=list)  # run_clm.py's arguments, for the resume command
 
     @property
     def is_local(self) -> bool:
@@ -141,20 +143,7 @@ def local_flags(cmd: LocalCommand, experiment: Optional[Experiment], run_dir: Pa
 
 def needs_launcher(experiment: Optional[Experiment], flags: Sequence[str]) -> bool:
     slots = experiment.slots_per_trial if experiment else 1
-    return slots > 1 or "--deepspeed" in flags
-
-
-def without_deepspeed(flags: Sequence[str]) -> List[str]:
-    """DeepSpeed needs a process group to parse its config; the children check that part."""
-    out, skip = [], False
-    for flag in flags:
-        if skip:
-            skip = False
-        elif flag == "--deepspeed":
-            skip = True
-        elif not flag.startswith("--deepspeed="):
-            out.append(flag)
-    return out
+    return slots > 1 or "deepspeed" in given_fields(flags)
 
 
 def prepare_local(argv: Sequence[str], launched: bool) -> Job:
@@ -197,8 +186,7 @@ def _parse_and_check(flags: List[str], experiment: Optional[Experiment], launche
     if launcher:
         # Fail fast, before starting N processes: everything but DeepSpeed's own set-up, which needs them.
         parsed = parse_input_arguments({}, without_deepspeed(flags))
-        if "--deepspeed" in flags:  # the last occurrence wins, as in argparse
-            parsed[2].deepspeed = flags[len(flags) - 1 - flags[::-1].index("--deepspeed") + 1]
+        parsed[2].deepspeed = flag_value(flags, "--deepspeed")
         startup_checks(*parsed, world_size=experiment.slots_per_trial if experiment else 1)
     else:
         parsed = parse_input_arguments({}, flags)
@@ -219,7 +207,8 @@ def check_gpus(job: Job, flags: List[str]) -> None:
     import torch
 
     ranks = job.experiment.slots_per_trial if job.experiment else 1
-    if ranks > 1 and torch.cuda.is_available() and ranks > torch.cuda.device_count() and "--use_cpu" not in flags:
+    if ranks > 1 and torch.cuda.is_available() and ranks > torch.cuda.device_count() \
+            and "use_cpu" not in given_fields(flags):
         raise UserError(f"{job.experiment.path}: slots_per_trial is {ranks} but this machine has "
                         f"{torch.cuda.device_count()} GPU(s): pass --use_cpu true --ddp_backend gloo to run the ranks "
                         "on the CPU, or lower slots_per_trial")
@@ -289,15 +278,16 @@ def prepare(argv: Sequence[str]) -> Job:
             # reach of that kill: a rank must not outlive it (and go on to save) when the user aborted.
             die_with_parent(signal.SIGKILL)
         job = prepare_local(argv, launched=launched)
+    job.argv = list(argv)
     if job.training_args is not None:
         if not job.is_local:  # prepare_local checked before touching the run directory
             startup_checks(job.model_args, job.data_args, job.training_args)
         if job.training_args.deepspeed:
-            _join_deepspeed_comm(job.training_args)
+            join_deepspeed_comm(job.training_args)
     return job
 
 
-def _join_deepspeed_comm(training_args) -> None:
+def join_deepspeed_comm(training_args) -> None:
     """Make deepspeed.comm use the process group the Trainer's arguments already created.
 
     On CPU (use_cpu + gloo) accelerate sets up torch.distributed itself, and DeepSpeed's zero.Init
@@ -307,10 +297,6 @@ def _join_deepspeed_comm(training_args) -> None:
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=training_args.ddp_backend or "nccl")
-
-
-def is_chief_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def print_summary(summary: Dict[str, Any], job: Job) -> None:
@@ -331,6 +317,6 @@ def print_summary(summary: Dict[str, Any], job: Job) -> None:
     if job.is_local:
         lines.append(f"  metrics     {job.metrics_path}  (tensorboard --logdir {job.tensorboard_dir})")
         if summary["preempted"]:
-            again = " ".join(a for a in sys.argv[1:] if a != "--fresh")
+            again = " ".join(without_fresh(job.argv))
             lines.append(f"  resume      rerun without --fresh: python run_clm.py {again}")
     print("\n".join(lines), flush=True)

@@ -163,7 +163,7 @@ def test_shipped_local_experiments_parse(tmp_path):
 def test_the_70b_experiment_parses_and_its_searcher_matches_max_steps():
     import json
 
-    from swallow_ft.det_callback import check_searcher_length
+    from swallow_ft.searcher import check_searcher_length
     from swallow_ft.runtime import without_deepspeed
 
     experiment = Experiment.load(REPO / "swallow_70b_ds3.yaml")
@@ -212,3 +212,55 @@ def test_lora_tells_ddp_every_parameter_gets_a_gradient_unless_a_flag_says_other
     assert parse_input_arguments({}, BASE)[2].ddp_find_unused_parameters is None  # full: the Trainer decides
     assert parse_input_arguments({}, BASE + ["--use_lora", "--ddp_find_unused_parameters=true"])[
         2].ddp_find_unused_parameters is True
+
+
+@pytest.mark.parametrize("flags, field, value", [
+    (["--logging-nan-inf-filter", "true"], "logging_nan_inf_filter", True),
+    (["--include-num-input-tokens-seen", "no"], "include_num_input_tokens_seen", "no"),
+    (["--use_lora", "--ddp-find-unused-parameters", "true"], "ddp_find_unused_parameters", True),
+])
+def test_a_flag_in_its_dashed_spelling_is_not_overwritten_by_the_projects_default(flags, field, value):
+    """argparse takes --x-y for --x_y; the defaults checked only --x_y and overwrote what the user asked for."""
+    assert getattr(parse_input_arguments({}, BASE + flags)[2], field) == value
+
+
+def test_the_old_eval_flag_is_renamed_in_its_dashed_spelling_too():
+    _, _, training_args = parse_input_arguments({}, BASE + ["--evaluation-strategy", "steps", "--eval_steps", "7"])
+    assert training_args.eval_strategy == "steps"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--deepspeed=a.json"], "a.json"),
+    (["--deepspeed", "a.json", "--bf16", "--deepspeed", "b.json"], "b.json"),  # the last wins, as in argparse
+    (["--model_name_or_path", "m", "--cache-dir", "/c"], "/c"),
+    (["--bf16"], None),
+])
+def test_flag_value_reads_every_spelling_and_the_last_occurrence(args, expected):
+    from swallow_ft.arguments import flag_value
+
+    flag = "--cache_dir" if "--cache-dir" in args else "--deepspeed"
+    assert flag_value(args, flag) == expected
+
+
+def test_flag_value_does_not_take_the_flag_after_a_negated_switch():
+    from swallow_ft.arguments import flag_value
+
+    args = ["--logging_nan_inf_filter", "true", "--no_logging_nan_inf_filter", "--bf16"]
+    assert flag_value(args, "--logging_nan_inf_filter") == "true"
+
+
+def test_without_deepspeed_drops_it_in_either_form():
+    from swallow_ft.arguments import without_deepspeed
+
+    assert without_deepspeed(["--deepspeed", "a.json", "--bf16", "--deepspeed=b.json", "--seed=3"]) == [
+        "--bf16", "--seed", "3"]
+
+
+def test_lora_targets_are_read_once_for_peft_and_the_memory_model():
+    from swallow_ft.memory import KNOWN_SHAPES
+
+    model_args = parse_input_arguments({}, BASE + ["--lora_target_modules", " q_proj, v_proj,"])[0]
+    assert model_args.lora_targets == ["q_proj", "v_proj"]
+    assert parse_input_arguments({}, BASE)[0].lora_targets == "all-linear"
+    shape = KNOWN_SHAPES["swallow-7b"]
+    assert shape.lora_params(8, " q_proj, v_proj,") == shape.lora_params(8, ["q_proj", "v_proj"])

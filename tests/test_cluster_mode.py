@@ -17,7 +17,8 @@ from determined import core
 from transformers import TrainerControl, TrainerState
 
 import run_clm
-from swallow_ft import det_callback, runtime
+from swallow_ft import checkpoints, det_callback, runtime
+from swallow_ft import searcher as searcher_checks
 from swallow_ft.errors import UserError
 from swallow_ft.local_core import LocalTrainContext
 
@@ -34,8 +35,8 @@ def cluster(monkeypatch, tmp_path):
 
     monkeypatch.setattr(det.core, "init", init)
 
-    def fake(hparams, searcher, latest_checkpoint=None):
-        trial = det.TrialInfo(trial_id=7, experiment_id=3, trial_seed=0, hparams=hparams,
+    def fake(hparams, searcher, latest_checkpoint=None, trial_id=7):
+        trial = det.TrialInfo(trial_id=trial_id, experiment_id=3, trial_seed=0, hparams=hparams,
                               config={"searcher": searcher, "hyperparameters": hparams},
                               steps_completed=0, trial_run_id=1, debug=False, inter_node_network_interface=None)
         det._info._info = det.ClusterInfo(
@@ -94,8 +95,10 @@ def test_cluster_trial_trains_then_restores_latest_checkpoint(cluster, tiny_mode
      None),
     ({"name": "adaptive_asha", "metric": "eval_loss", "time_metric": "batches", "max_time": 100, "max_trials": 4},
      "searcher.max_time is 100 batches but --max_steps gives batches=10"),
-    ({"name": "adaptive_asha", "metric": "eval_loss", "max_trials": 4},
-     "needs time_metric and max_time: use time_metric: batches and max_time: 10"),
+    ({"name": "adaptive_asha", "metric": "eval_loss", "time_metric": "batch", "max_time": 10, "max_trials": 4},
+     "searcher.time_metric is 'batch', which the trial never reports"),
+    ({"name": "single", "metric": "eval_los", "max_length": {"batches": 10}},
+     "searcher.metric is 'eval_los', which evaluation never reports"),
     ({"name": "single", "metric": "eval_loss", "max_length": {"batches": 50}},
      "searcher.max_length is {batches: 50} but --max_steps gives batches=10"),
 ])
@@ -114,7 +117,7 @@ def test_cluster_searcher_length_checks(cluster, tiny_model, tmp_path, searcher,
 @pytest.mark.parametrize("metric", ["eval_loss", "eval_samples_per_second"])
 def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_path, monkeypatch, caplog, metric):
     """Determined <= 0.37: progress and the final searcher.metric go through the searcher operation."""
-    monkeypatch.setattr(det_callback, "determined_version", lambda: (0, 37))
+    monkeypatch.setattr(searcher_checks, "determined_version", lambda: (0, 37))
     caplog.set_level(logging.INFO, logger="determined.core")
     cluster({}, {**SINGLE, "metric": metric})
     assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
@@ -125,7 +128,7 @@ def test_legacy_determined_drives_searcher_operations(cluster, tiny_model, tmp_p
 
 def test_legacy_determined_refuses_searchers_of_several_operations(cluster, tiny_model, tmp_path, monkeypatch):
     """ASHA on Determined <= 0.37 hands a trial its rungs as successive operations; one trial follows one."""
-    monkeypatch.setattr(det_callback, "determined_version", lambda: (0, 37))
+    monkeypatch.setattr(searcher_checks, "determined_version", lambda: (0, 37))
     cluster({}, {"name": "adaptive_asha", "metric": "eval_loss", "max_length": {"batches": 10}, "max_trials": 4})
     job = runtime.prepare(entrypoint(tiny_model, tmp_path))
     with runtime.core_context(job) as context:
@@ -193,13 +196,103 @@ def test_the_shipped_search_evaluates_at_every_asha_rung(caplog):
 
     experiment = Experiment.load(REPO / "experiments/swallow_7b_search.yaml")
     _, _, args = parse_input_arguments({}, experiment.script_args() + ["--use_cpu", "true"])
-    assert det_callback.asha_rungs(experiment.searcher) == [25, 100, 400]
-    assert det_callback.unevaluated_rungs(experiment.searcher, args) == []
+    assert searcher_checks.asha_rungs(experiment.searcher) == [25, 100, 400]
+    assert searcher_checks.unevaluated_rungs(experiment.searcher, args) == []
 
-    five_rungs = {key: value for key, value in experiment.searcher.items() if key != "max_rungs"}
-    assert det_callback.asha_rungs(five_rungs) == [1, 6, 25, 100, 400]
+    # Without max_rungs, and with enough trials that the master does not cap the rungs at log(max_trials)/log(4)+1.
+    five_rungs = {**{key: value for key, value in experiment.searcher.items() if key != "max_rungs"},
+                  "max_trials": 256}
+    assert searcher_checks.asha_rungs(five_rungs) == [1, 6, 25, 100, 400]
     args.eval_steps = 50
-    assert det_callback.unevaluated_rungs(five_rungs, args) == [1, 6, 25]
+    assert searcher_checks.unevaluated_rungs(five_rungs, args) == [1, 6, 25]
     with caplog.at_level(logging.WARNING, logger="swallow_ft.det_callback"):
         det_callback.DetCallback(core._dummy_init(), args, searcher_config=five_rungs, strict_searcher=False)
     assert "judges trials at [1, 6, 25] batches, where --eval_steps 50 evaluates nothing" in caplog.text
+
+
+def adapter_of(storage, storage_id):
+    from safetensors.torch import load_file
+
+    return load_file(next((storage / storage_id).glob("checkpoint-*/adapter_model.safetensors")))
+
+
+def test_another_trials_checkpoint_warm_starts_the_adapter(cluster, tiny_model, tmp_path, caplog):
+    """searcher.source_trial_id: Determined hands trial 8 trial 7's checkpoint. Trial 8 starts from its adapter, at
+    step 0 with its own hyperparameters (not trial 7's optimizer, schedule and step, which would end it at once)."""
+    caplog.set_level(logging.INFO, logger="swallow_ft")
+    storage = cluster({"training_arguments": {"learning_rate": 0.003}}, SINGLE)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
+    (source_id, _), = checkpoint_steps(storage).items()
+
+    cluster({"training_arguments": {"learning_rate": 0.0}}, SINGLE, latest_checkpoint=source_id, trial_id=8)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
+    assert f"warm-starting from checkpoint {source_id}" in caplog.text
+    (warm_id, steps), = {k: v for k, v in checkpoint_steps(storage).items() if k != source_id}.items()
+    assert steps == 10 and json.loads((storage / warm_id / "metadata.json").read_text())["trial_id"] == 8
+    second = [r for r in read_metrics(tmp_path / "reported.jsonl") if r["group"] == "training"][2:]
+    assert [r["steps_completed"] for r in second] == [5, 10] and {r["learning_rate"] for r in second} == {0.0}
+    source, warm = adapter_of(storage, source_id), adapter_of(storage, warm_id)
+    assert source.keys() == warm.keys() and all((source[k] == warm[k]).all() for k in source)  # lr 0: unchanged
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--lora_r", "4"], "has LoRA rank 16 and this trial --lora_r 4: warm-starting needs the same rank; set --lora_r 16"),
+    (["--use_lora", "false"], "this project warm-starts LoRA runs from a LoRA checkpoint only"),
+])
+def test_a_warm_start_that_cannot_fit_stops_before_the_model_loads(cluster, tiny_model, tmp_path, monkeypatch,
+                                                                     flags, problem):
+    storage = cluster({}, SINGLE)
+    assert run_clm.run(entrypoint(tiny_model, tmp_path)) == 0
+    (source_id, _), = checkpoint_steps(storage).items()
+    cluster({}, SINGLE, latest_checkpoint=source_id, trial_id=8)
+    monkeypatch.setattr(run_clm, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match=problem):
+        run_clm.run(entrypoint(tiny_model, tmp_path) + flags)
+
+
+def test_a_restart_clears_what_an_earlier_attempt_left_on_the_node(cluster, tiny_model, tmp_path):
+    """Where /tmp outlives the container, a crashed attempt's checkpoint-N folder would be offered again beside the
+    restarted trial's own shards of step N, and Determined refuses an upload with two versions of a file."""
+    cluster({}, SINGLE)
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path))
+    leftovers = [Path(job.training_args.output_dir, name, "zero_pp_rank_1.pt")
+                 for name in ("checkpoint-10/global_step10", "restored/0a1b")]
+    for leftover in leftovers:
+        leftover.parent.mkdir(parents=True)
+        leftover.write_bytes(b"from the crashed attempt")
+    kept = Path(job.training_args.output_dir, "notes.txt")
+    kept.write_text("not ours")
+    with runtime.core_context(job) as context:
+        det_callback.DetCallback(context, job.training_args)
+    assert not any(leftover.parent.parent.exists() for leftover in leftovers) and kept.exists()
+
+
+def test_zero_shards_resume_only_on_as_many_ranks(tmp_path):
+    shards = tmp_path / "checkpoint-10" / "global_step10"
+    shards.mkdir(parents=True)
+    for rank in range(4):
+        (shards / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    checkpoints.check_same_world_size(str(tmp_path / "checkpoint-10"), "abc", 4)
+    with pytest.raises(UserError, match="holds DeepSpeed ZeRO optimizer shards of 4 ranks and this trial runs 8: set "
+                                        "resources.slots_per_trial: 4"):
+        checkpoints.check_same_world_size(str(tmp_path / "checkpoint-10"), "abc", 8)
+
+
+def test_a_preemption_during_an_evaluation_or_save_stops_on_that_checkpoint(cluster, tiny_model, tmp_path):
+    """Noticed in on_save, it stops the trial there: no further step, no second checkpoint, no evaluation."""
+    cluster({}, {**SINGLE, "max_length": {"batches": 20}})
+    job = runtime.prepare(entrypoint(tiny_model, tmp_path, max_steps=20))
+    args = job.training_args
+    Path(args.output_dir, "checkpoint-10").mkdir(parents=True)
+    Path(args.output_dir, "checkpoint-10", "adapter_model.safetensors").write_bytes(b"weights")
+    with runtime.core_context(job) as context:
+        context.preempt = MasterSaysPreempt(context.distributed).start()
+        callback = det_callback.DetCallback(context, args)
+        control, state = TrainerControl(), TrainerState(global_step=10, epoch=0.5)
+        callback.on_save(args, state, control)
+        assert (context.preempt.acks, callback.preempted, control.should_training_stop) == (1, True, True)
+        control.should_evaluate = True  # the Trainer's flow at the end of an epoch
+        callback.on_epoch_end(args, state, control)
+        assert not control.should_evaluate and not control.should_save
+        callback.on_save(args, state, TrainerControl())  # asks once
+        assert context.preempt.acks == 1

@@ -102,9 +102,12 @@ BROKEN = [
      "searcher.name", "removed in Determined 0.38"),
     ("custom searcher on 0.38", changed(searcher={"name": "custom", "metric": "loss"}), (0, 38),
      "searcher.name", "removed in Determined 0.38"),
-    ("asha without max_time on 0.38", changed(searcher=ASHA_037), (0, 38), "searcher.max_time", "is required"),
+    # The one report of these (swallow_ft/searcher.py leaves them to expconf), so it says what to set them to.
+    ("asha without max_time on 0.38", changed(searcher=ASHA_037), (0, 38), "searcher.max_time",
+     "is required for adaptive_asha in Determined 0.38 and later; set it to the trial's length in time_metric units: "
+     "--max_steps for batches"),
     ("asha without time_metric on 0.38", changed(searcher={**ASHA_038, "time_metric": None}), (0, 38),
-     "searcher.time_metric", "is required"),
+     "searcher.time_metric", "set it to batches (with max_time equal to --max_steps) or epochs"),
     ("async_halving without max_time on 0.38",
      changed(searcher={"name": "async_halving", "metric": "loss", "max_trials": 4, "num_rungs": 3}), (0, 38),
      "searcher.max_time", "is required for async_halving"),

@@ -167,6 +167,29 @@ def test_preview_takes_a_search_experiment_without_pinning_its_searched_values()
     assert model_args.lora_r == 32
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--lerning_rate", "1e-4"], "--lerning_rate (did you mean --learning_rate or --logging_strategy?)"),
+    (["--promt_format=llama3"], "--promt_format (did you mean --prompt_format?)"),
+    # an abbreviation: argparse took it for --train_file
+    (["--train_fil", "x.jsonl"], "--train_fil (did you mean --train_file"),
+])
+def test_preview_refuses_an_unknown_flag_as_run_clm_does(flags, says):
+    from swallow_ft.data.__main__ import parse
+
+    with pytest.raises(UserError) as raised:
+        parse(["preview", "--config", "experiments/local_tiny.yaml", *flags])
+    assert str(raised.value).startswith(f"unknown run_clm.py flag(s): {says}")
+
+
+@pytest.mark.parametrize("override", [["--learning-rate", "1e-4"], ["--learning_rate=1e-4"]])
+def test_a_searched_value_is_pinned_by_its_flag_in_any_spelling(tmp_path, override):
+    path = tmp_path / "exp.yaml"
+    path.write_text("hyperparameters:\n  training_arguments:\n"
+                    "    learning_rate: {type: log, base: 10, minval: -5, maxval: -3}\n"
+                    "entrypoint: python run_clm.py --model_name_or_path m\n")
+    assert Experiment.load(path).hparams_for_local_run(override) == {"training_arguments": {}}
+
+
 @pytest.mark.parametrize("text, error", [
     ("name: exp\nresources:\n\tslots_per_trial: 1\n",
      "line 3, column 1: not valid YAML: a tab character, which YAML does not allow here: indent with spaces, not tabs"),

@@ -100,7 +100,7 @@ BASE = ["--model_name_or_path", "m", "--train_file", "data/camel_math_ja.jsonl",
 
 def _changed(tmp_path, recorded_flags, flags):
     from swallow_ft.arguments import parse_input_arguments
-    from swallow_ft.local_core import changed_flags, record_flags
+    from swallow_ft.run_record import changed_flags, record_flags
 
     path = tmp_path / "flags.json"
     if isinstance(recorded_flags, list):
@@ -160,7 +160,8 @@ def test_the_abort_line_names_the_step_a_rerun_resumes_from(tmp_path):
 @pytest.mark.parametrize("scheduler, warned", [("cosine", True), ("constant", False)])
 def test_a_resume_with_another_length_warns_that_the_schedule_changes(tmp_path, caplog, scheduler, warned):
     from swallow_ft.arguments import parse_input_arguments
-    from swallow_ft.local_core import check_same_run, record_flags, write_jsonl
+    from swallow_ft.local_core import write_jsonl
+    from swallow_ft.run_record import check_same_run, record_flags
 
     first = BASE + ["--max_steps", "300", "--lr_scheduler_type", scheduler]
     record_flags(tmp_path / "flags.json", first, parse_input_arguments({}, first))
@@ -170,4 +171,4 @@ def test_a_resume_with_another_length_warns_that_the_schedule_changes(tmp_path, 
         check_same_run(tmp_path, tmp_path / "checkpoints.jsonl", longer, parse_input_arguments({}, longer))
     expected = [f"resuming with --max_steps 300 -> 340: the {scheduler} learning-rate schedule is recomputed for the "
                 "new length, so the rate changes at the resumed step"] if warned else []
-    assert [r.getMessage() for r in caplog.records if r.name == "swallow_ft.local"] == expected
+    assert [r.getMessage() for r in caplog.records if r.name == "swallow_ft.run_record"] == expected

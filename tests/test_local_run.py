@@ -311,3 +311,55 @@ def test_two_ddp_ranks_train_lora_under_the_torch_distributed_launcher(tiny_mode
     steps = checkpoint_steps(run_dir / "checkpoints")
     assert list(steps.values()) == [20]
     assert (run_dir / "checkpoints" / next(iter(steps)) / "checkpoint-20" / "adapter_model.safetensors").exists()
+
+
+SUMMARY = {"preempted": True, "steps_completed": 4, "first_eval_loss": 2.0, "last_eval_loss": 1.5,
+           "checkpoint": None, "tokens_per_second": None}
+
+
+def test_the_resume_command_is_what_the_run_was_given_less_fresh(tiny_model, tmp_path, monkeypatch, capsys):
+    """run_clm.run(argv) (as tests and the notebook call it) printed sys.argv as the command to resume with."""
+    from swallow_ft import runtime
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "-k", "something else"])
+    job = runtime.prepare(["--config", CONFIG, "--runs_dir", str(tmp_path), "--fresh", "--max_steps", "4"])
+    runtime.print_summary(SUMMARY, job)
+    assert (f"  resume      rerun without --fresh: python run_clm.py --config {CONFIG} --runs_dir {tmp_path} "
+            "--max_steps 4") in capsys.readouterr().out
+
+
+def test_the_ranks_are_started_without_fresh_and_the_launch_is_logged_as_such(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from swallow_ft import launch, runtime
+    from swallow_ft.experiment import Experiment
+
+    started = []
+
+    class Child:
+        pid = 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda cmd, **kwargs: started.append(cmd) or Child())
+    job = runtime.Job(experiment=Experiment.load(REPO / "experiments/local_tiny_ds3.yaml"), run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="swallow_ft"):
+        assert launch.relaunch(job, ["--config", "x.yaml", "--fresh", "--seed", "3"], script="run_clm.py") == 0
+    assert started[0][-5:] == ["run_clm.py", "--config", "x.yaml", "--seed", "3"]
+    assert [(r.name, r.getMessage().split(":")[0]) for r in caplog.records] == [
+        ("swallow_ft.launch", "launching 2 processes")]
+
+
+def test_more_ranks_than_gpus_is_fine_when_asked_to_run_on_the_cpu_in_any_spelling(monkeypatch):
+    from swallow_ft import runtime
+    from swallow_ft.errors import UserError
+    from swallow_ft.experiment import Experiment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    job = runtime.Job(experiment=Experiment.load(REPO / "experiments/local_tiny_ds3.yaml"))
+    with pytest.raises(UserError, match="slots_per_trial is 2 but this machine has 1 GPU"):
+        runtime.check_gpus(job, ["--seed", "1"])
+    for flags in (["--use_cpu", "true"], ["--use-cpu", "true"], ["--use-cpu=true"]):
+        runtime.check_gpus(job, runtime.split_equals(flags))

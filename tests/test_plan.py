@@ -334,6 +334,20 @@ def test_write_takes_a_short_name_for_the_model_the_experiment_trains(tmp_path, 
     assert f"wrote them into {path}" in capsys.readouterr().out and Experiment.load(path).slots_per_trial == 2
 
 
+def test_write_compares_with_the_model_run_clm_would_train(tmp_path, capsys):
+    """A repeated flag is taken at its last occurrence, as argparse takes it: the check compared the first."""
+    from swallow_ft.plan import main
+
+    path = _experiment_training(tmp_path, "tokyotech-llm/Swallow-70b-instruct-v0.1 "
+                                          "--model_name_or_path tokyotech-llm/Swallow-7b-instruct-v0.1")
+    assert main(["--model", "swallow-7b", "--gpus", "2", "--gpu-mem", "80", "--write", str(path)]) == 0
+    assert f"wrote them into {path}" in capsys.readouterr().out
+    path = _experiment_training(tmp_path, "tokyotech-llm/Swallow-7b-instruct-v0.1 "
+                                          "--model_name_or_path=tokyotech-llm/Swallow-70b-instruct-v0.1")
+    assert main(["--model", "swallow-7b", "--gpus", "2", "--gpu-mem", "80", "--write", str(path)]) == 2
+    assert "the YAML trains tokyotech-llm/Swallow-70b-instruct-v0.1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model, says", [
     ("swallow-70", "error: --model swallow-70 is not a known short name or Swallow Hub id (did you mean swallow-70b"),
     ("someone/not-a-model", "cache its config (hf download someone/not-a-model config.json)"),

@@ -17,7 +17,7 @@ SHIPPED = sorted(REPO.glob("experiments/*.yaml")) + [REPO / "swallow_70b_ds3.yam
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_experiment_passes_with_a_memory_estimate(path, tiny_model):
-    found = check_experiment(path)
+    found = check_experiment(path, version=(0, 37) if "dsat" in path.name else None)  # DSAT left Determined 0.38
     assert found.problems == []
     assert any(note.startswith("memory per GPU:") for note in found.notes), found.notes
 
@@ -159,10 +159,15 @@ BROKEN = {
                      "--overwrite_output_dir no longer exists in transformers 5"),
     "old eval flag": (dict(entrypoint=lambda e: e.replace("--eval_strategy", "--evaluation_strategy")),
                       "--evaluation_strategy was renamed --eval_strategy"),
+    "old eval flag, dashed": (dict(entrypoint=lambda e: e.replace("--eval_strategy", "--evaluation-strategy")),
+                              "--evaluation_strategy was renamed --eval_strategy"),
     "entrypoint without run_clm.py": (dict(change=_set("entrypoint", "python train.py --lr 1")),
                                       "entrypoint does not run run_clm.py"),
     "deepspeed without its launcher": (dict(entrypoint=lambda e: e + " --deepspeed ds_configs/ds_config_stage_3.json"),
                                        "--deepspeed needs the DeepSpeed launcher"),
+    "deepspeed=file without its launcher": (
+        dict(entrypoint=lambda e: e + " --deepspeed=ds_configs/ds_config_stage_3.json"),
+        "--deepspeed needs the DeepSpeed launcher"),
     "several slots, no launcher": (dict(change=_set("resources.slots_per_trial", 2)),
                                    "slots_per_trial is 2 but nothing starts one process per GPU"),
     "missing DeepSpeed file": (dict(entrypoint=lambda e: _ds3(e).replace("stage_3.json", "stage_9.json")),
@@ -367,3 +372,62 @@ def test_the_context_directory_stays_small():
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True).stdout.split("\0")
     size = sum((REPO / f).stat().st_size for f in tracked if f and (REPO / f).is_file())
     assert size < 5 * 2**20
+
+
+@pytest.mark.parametrize("deepspeed", ["--deepspeed=ds_configs/ds_config_stage_3.json",
+                                       "--deepspeed ds_configs/nope.json --deepspeed ds_configs/ds_config_stage_3.json"],
+                         ids=["equals", "repeated"])
+def test_the_deepspeed_config_is_the_one_run_clm_would_use(deepspeed, make_experiment):
+    """--flag=value is --flag value, and the last of a repeated flag wins, as in argparse: the preflight read no config
+    for the first (and estimated memory without ZeRO), and the first file for the second."""
+    path = make_experiment(entrypoint=lambda e: _ds3(e).replace("--deepspeed ds_configs/ds_config_stage_3.json",
+                                                                deepspeed))
+    found = check_experiment(path)
+    assert found.problems == []
+    assert any(n.startswith("memory per GPU") and "ZeRO-3" in n for n in found.notes), found.notes
+
+
+@pytest.mark.parametrize("search, problems", [
+    ({"type": "categorical", "vals": [8, 16.5, "x"]},
+     ["a trial can draw 16.5, which run_clm.py refuses (argument --lora_r/--lora-r: invalid int value: '16.5')",
+      "a trial can draw 'x', which run_clm.py refuses (argument --lora_r/--lora-r: invalid int value: 'x')"]),
+    ({"type": "categorical", "vals": [8, 0]}, ["a trial can draw 0, which run_clm.py refuses (--lora_r must be >= 1"]),
+    # the master draws a double range's values as floats, even between integer ends
+    ({"type": "double", "minval": 8, "maxval": 16},
+     ["a trial can draw 8.0, which run_clm.py refuses (argument --lora_r/--lora-r: invalid int value: '8.0')",
+      "a trial can draw 16.0, which run_clm.py refuses"]),
+    ({"type": "int", "minval": 8, "maxval": 16}, []),
+])
+def test_every_value_a_trial_can_draw_is_parsed(search, problems, make_experiment):
+    """Only the first category and a range's lower end were parsed: a trial drawing 16.5 for --lora_r failed on the
+    cluster after the preflight said OK."""
+    path = make_experiment(change=_set("hyperparameters.training_arguments.lora_r", search))
+    found = check_experiment(path).problems
+    assert len(found) == len(problems), found
+    for message, expected in zip(found, problems):
+        assert message.startswith(f"{path}: hyperparameters.training_arguments.lora_r: {expected}"), message
+        assert message.endswith(": change the search to values it takes")
+
+
+def test_a_dsat_experiment_is_held_to_determined_037_without_being_told(capsys):
+    """The shipped DSAT experiment passed on Determined 0.38, which cannot run it, unless --dsat was given."""
+    from swallow_ft import preflight
+
+    path = REPO / "experiments/swallow_7b_dsat.yaml"
+    problems = check_experiment(path, version=(0, 38)).problems
+    assert problems == [f"{path}: DSAT needs Determined <= 0.37 (0.38 removed determined.pytorch.dsat): use a 0.37 "
+                        "cluster and CLI (--determined-version 0.37 checks for one), or use the planner: python -m "
+                        "swallow_ft.plan --model M --gpus N --gpu-mem GIB --write EXPERIMENT.yaml"]
+    assert preflight.main([str(path), "--determined-version", "0.38"]) == 1
+    assert preflight.main([str(path), "--determined-version", "0.37"]) == 0
+    assert "DSAT" not in "".join(check_experiment(REPO / "experiments/swallow_7b.yaml", version=(0, 38)).problems)
+
+
+def test_the_searcher_is_checked_for_the_determined_version_asked_for(make_experiment):
+    """--determined-version reached the schema check but not the searcher's: ASHA on 0.37 hands a trial several
+    searcher operations, which the callback does not follow."""
+    path = make_experiment(change=_set("searcher", {"name": "adaptive_asha", "metric": "eval_loss", "max_trials": 4,
+                                                    "max_length": {"batches": 300}}))
+    several = "searcher adaptive_asha on Determined 0.37 gives each trial several searcher operations"
+    assert any(several in p for p in check_experiment(path, version=(0, 37)).problems)
+    assert not any("several searcher operations" in p for p in check_experiment(path, version=(0, 38)).problems)

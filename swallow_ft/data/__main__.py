@@ -12,14 +12,12 @@ import argparse
 import json
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from swallow_ft.arguments import DataTrainingArguments, ModelArguments, dict2args, normalize_flags, split_equals
+from swallow_ft.arguments import parse_model_and_data
 from swallow_ft.data.encoding import IGNORE
 from swallow_ft.data.loading import encode_example, load_raw_datasets, source_name
 from swallow_ft.data.shapes import detect_shape, row_name
 from swallow_ft.data.templates import choose_format
-from swallow_ft.errors import UserError, exit_code_of
+from swallow_ft.errors import exit_code_of
 from swallow_ft.experiment import Experiment
 from swallow_ft.model import load_tokenizer
 
@@ -36,16 +34,8 @@ def parse(argv):
     options, flags = parser.parse_known_args(argv)
     if options.config:
         # Searched hyperparameters (learning rate, LoRA rank) do not change the tokens: one trial's values will do.
-        experiment = Experiment.load(options.config)
-        sampled = experiment.sample_hparams().get("training_arguments") or {}
-        flags = split_equals(experiment.script_args()) + dict2args(sampled) + flags
-    hf = HfArgumentParser((ModelArguments, DataTrainingArguments))
-    model_args, data_args, rest = hf.parse_args_into_dataclasses(normalize_flags(flags), return_remaining_strings=True,
-                                                                 look_for_args_file=False)
-    training_flags = {s for a in HfArgumentParser(TrainingArguments)._actions for s in a.option_strings}
-    unknown = [f for f in rest if f.startswith("--") and f.split("=")[0] not in training_flags]
-    if unknown:
-        raise UserError(f"unknown flag(s) {', '.join(unknown)}; preview takes run_clm.py's flags")
+        flags = Experiment.load(options.config).flags(sampled=True) + flags
+    model_args, data_args = parse_model_and_data(flags)
     return options, model_args, data_args
 
 

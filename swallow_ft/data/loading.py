@@ -27,7 +27,7 @@ from swallow_ft.data.shapes import BadRow, detect_shape, row_name, to_conversati
 from swallow_ft.data.templates import FORMATS, PromptFormat, choose_format
 from swallow_ft.errors import UserError
 
-logger = logging.getLogger("swallow_ft.data")
+logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # The modules whose code decides an example's tokens (encode_example here included): part of the cache key.
