@@ -18,12 +18,13 @@ SHAPES = {"tiny": memory.ModelShape(64, 2, 4, 2, 176, 1200), "tiny-32l": memory.
           **memory.KNOWN_SHAPES}
 SMALL = ("tiny", "tiny-32l")  # run on CPU, in fp32, without a disk check
 CUDA = torch.cuda.is_available()
+SEED_DS_CONFIG = "bench/ds_config_seed.json"
 # name -> settings; "auto" is decided per shape and device in resolve(). Add a recipe by adding an entry, or
 # combine one with MODIFIERS on the command line: --recipes default,default+flex+liger,padded.
 RECIPES = {
     # The reference's experiment: ZeRO-3 fp16, micro-batch 1 x 1024, LoRA r8 on q/v, no packing. Its DeepSpeed config
     # (bench/ds_config_seed.json) is the reference's: explicit ZeRO-3 buckets, DeepSpeed's AdamW and WarmupLR.
-    "seed": dict(precision="fp16", deepspeed="bench/ds_config_seed.json", micro_batch=1, seq=1024,
+    "seed": dict(precision="fp16", deepspeed=SEED_DS_CONFIG, micro_batch=1, seq=1024,
                  lora_r=8, lora_targets="q_proj,v_proj", lora_dropout=0.05, packing=False, checkpointing=False,
                  attn="sdpa", liger=False, compile=False, peft_casts=False, fused_lora=False, host_reads=False, env={}),
     # This project's defaults: bf16, packing, LoRA r16 on all linears without dropout, --attn_implementation auto;
@@ -60,7 +61,6 @@ MODIFIERS = {
     "hostreads": dict(host_reads=True),
 }
 SIZED_MODIFIER = re.compile(r"(mb|seq|r)(\d+)$")  # mb4: micro-batch 4, seq4096: tokens per row, r8: LoRA rank
-SEED_DS_CONFIG = "bench/ds_config_seed.json"
 # fp16-only configs and their bf16 twins for CPU; bench/ds_config_seed.json has an "auto" bf16 section and needs none
 CPU_DS_CONFIG = {"ds_configs/ds_config_stage_3_fp16.json": "ds_configs/ds_config_stage_3.json"}
 

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import weakref
-from dataclasses import astuple
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +88,7 @@ def run_recipe(name, r, model_dir, work, data, profiles=Path(".")):
     work.mkdir(parents=True, exist_ok=True)
     model_args, data_args, training_args = parse_input_arguments({}, flags_for(r, model_dir, work))
     if training_args.deepspeed:
-        runtime._join_deepspeed_comm(training_args)
+        runtime.join_deepspeed_comm(training_args)
     tokenizer = load_tokenizer(model_args)
     free_gpu(reset_peak=True)
     model = load_model(model_args, training_args, packing=data_args.packing)
@@ -228,7 +227,7 @@ def build_model_dir(shape_name, dest):
     shutil.rmtree(dest, ignore_errors=True)
     shape = SHAPES[shape_name]
     tokenizer = AutoTokenizer.from_pretrained(tiny.build())
-    config = LlamaConfig(**dict(zip(memory._CONFIG_KEYS, astuple(shape))), max_position_embeddings=4096,
+    config = LlamaConfig(**shape.config_sizes(), max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     need = 2 * shape.total_params * 1.05

@@ -20,7 +20,6 @@ import contextlib
 import math
 import sys
 from collections import defaultdict
-from dataclasses import astuple
 from pathlib import Path
 from unittest import mock
 
@@ -33,7 +32,6 @@ from torch.utils.flop_counter import flop_registry
 from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from swallow_ft import memory  # noqa: E402
 from swallow_ft.arguments import ModelArguments  # noqa: E402
 from swallow_ft.fused_lora import fused_lora  # noqa: E402
 from swallow_ft.model import add_lora  # noqa: E402
@@ -196,7 +194,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, traffic):
 def lora_model(shape_name, lora_r, targets, dropout, fake_mode=None):
     """The shape's model in bf16 with the project's LoRA adapters, built on the meta device (peft's own init and
     dtype handling run), then given fake CPU tensors, or real uninitialised ones without `fake_mode`."""
-    config = LlamaConfig(**dict(zip(memory._CONFIG_KEYS, astuple(SHAPES[shape_name]))), attn_implementation="sdpa",
+    config = LlamaConfig(**SHAPES[shape_name].config_sizes(), attn_implementation="sdpa",
                          use_cache=False)
     with torch.device("meta"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)

@@ -8,7 +8,6 @@ waits for the next step's kernels.
 """
 import sys
 import timeit
-from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from swallow_ft import memory  # noqa: E402
 from swallow_ft.trainer import SwallowTrainer  # noqa: E402
 
 from recipes import SHAPES  # noqa: E402
@@ -28,7 +26,7 @@ def ms(call, number):
 
 
 def main():
-    config = LlamaConfig(**dict(zip(memory._CONFIG_KEYS, astuple(SHAPES["tiny-32l"]))))
+    config = LlamaConfig(**SHAPES["tiny-32l"].config_sizes())
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, target_modules="all-linear"))
     ids = torch.randint(3, config.vocab_size, (2, 64))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -16,7 +16,7 @@ class Card:
     # size a bare name means first. Less than the name and nvidia-smi say (H100 80GB: 81,559 MiB = 79.6 GiB there,
     # 79.11 in torch), and varying a little by driver (A100 40GB: 39.59, 39.50): the lowest reported, rounded down.
     cuda_gib: Dict[int, float]
-    tflops: float  # sustained bf16 TFLOP/s (fp16 without bf16) a fine-tuning step reaches: about 45% of dense peak
+    tflops: float  # bf16 TFLOP/s (fp16 without bf16) the planner ranks settings by: 35-45% of flops.PEAK_BF16_TFLOPS
     link_gbps: float  # all-gather GB/s per GPU inside one node: NVLink, or PCIe between PCIe cards
     bf16: bool = True  # Volta and Turing only emulate it (torch.cuda.is_bf16_supported() still says yes on a V100)
 

@@ -13,11 +13,11 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from swallow_ft import flops
 from swallow_ft.fused_lora import fused_lora
 
-logger = logging.getLogger("swallow_ft.trainer")
+logger = logging.getLogger(__name__)
 
 
 class SwallowTrainer(Trainer):
-    """transformers.Trainer with three changes that change no number it trains (tests/test_trainer.py), and one fix:
+    """transformers.Trainer with four changes that change no number it trains (tests/test_trainer.py), and one fix:
     resumed from a checkpoint that already holds all its steps, it trains nothing (the Trainer trains one step more).
 
     - FLOPs are counted by `flops.flops_per_token`, once per run. The Trainer's own count walks every parameter

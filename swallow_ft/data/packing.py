@@ -1,8 +1,9 @@
 """Packing examples into rows of block_size without cross-example attention, and batch collators.
 
 A packed row carries `position_ids` that restart at 0 for every example and no attention_mask; with
-attn_implementation="sdpa" (and use_cache=False) transformers 5 turns that into a block-diagonal
-causal mask, so each example only ever sees itself. tests/test_packing.py checks the logits.
+attn_implementation "sdpa" or "flex_attention" (and use_cache=False) transformers 5 turns that into a
+block-diagonal causal mask, so each example only ever sees itself. tests/test_data_pipeline.py checks the
+logits against each example's own (test_packed_rows_give_exactly_the_per_example_logits).
 """
 
 import sys
