@@ -3,11 +3,9 @@
     python -m swallow_ft.compare --base .cache/tiny-swallow --tuned runs/local_tiny \\
         --prompts data/eval_prompts_ja.jsonl --out runs/local_tiny/comparison
 
---tuned takes the checkpoint sources that `python -m swallow_ft.export` takes (a checkpoint-N dir, a Determined
-checkpoint, a local run dir, a UUID with --storage DIR, ...) when they hold a LoRA adapter or whole model weights (a
-merged or exported model, a full fine-tuning checkpoint); a ZeRO-3 full fine-tuning checkpoint saved without its
-weights is refused, naming export, which rebuilds them from the shards. Every input (checkpoint, prompts file and rows,
-prompt format) is checked before any weights load.
+--tuned takes export's checkpoint sources (checkpoint_files.py) holding a LoRA adapter or whole model weights; a
+ZeRO-3 full fine-tuning checkpoint saved without its weights is refused, naming export, which rebuilds them. Every
+input (checkpoint, prompts file and rows, prompt format, dtype, device map) is checked before any weights load.
 With an adapter only one copy of the base is loaded: the base answers with the adapter switched off. A merged or full
 model is a second copy, loaded under --dtype auto in the base's dtype (a full fine-tuning checkpoint saves fp32).
 Answers are greedy, up to --max_new_tokens (default: twice the longest reference in the whole prompts file, in tokens,
@@ -15,14 +13,16 @@ within 64..1024, whatever --n is); one that reaches it before the model's end-of
 a reply in the prompt format) is marked cut, and its final number never counts as a match.
 Prompts are rendered in the prompt format and with the system prompt that the run recorded in its checkpoint's
 user_data.json (--prompt_format / --system_prompt override them; without a record, the format is chosen from the
-base model's name and the system prompt is the format's default).
-Writes comparison.jsonl (one row per prompt) and comparison.md (a readable table and the summary).
+base model's name and the system prompt is the format's default). A --base other than the checkpoint's is warned of.
+Writes comparison.jsonl (one row per prompt) and comparison.md (the table, the summary, the checkpoint compared).
+Messages name the flag and the notebook's parameter (Finetune_Swallow_70B.ipynb) both.
 """
 
 import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from swallow_ft import metrics
 from swallow_ft.chat_template import stop_token_ids
+from swallow_ft.checkpoint_files import CheckpointRef, base_warning, locate_checkpoint, prompt_settings, tuned_weights
 from swallow_ft.data.encoding import IGNORE, encode
 from swallow_ft.data.loading import load_raw_datasets
 from swallow_ft.data.shapes import detect_shape, row_name, to_conversation
@@ -62,6 +63,11 @@ class Answer(NamedTuple):
 
 
 CUT = "[cut]"
+BASE, TUNED, PROMPTS = "--base / BASE_MODEL", "--tuned / CHECKPOINT", "--prompts / PROMPTS"
+DTYPE, DEVICE_MAP = "--dtype / DTYPE", "--device_map / DEVICE_MAP"
+DTYPE_NAMES = {"auto": "auto", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "float32": "float32", "fp32": "float32"}
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's: on the CPU/disk when GPUs are full
 # The default max_new_tokens: twice the longest reference leaves room for an answer worded at more length, the floor
 # for short references, and the cap bounds a model that never stops (tiny Swallow may never emit EOS).
 NEW_TOKENS_PER_REFERENCE_TOKEN, MIN_NEW_TOKENS, MAX_DEFAULT_NEW_TOKENS = 2, 64, 1024
@@ -72,7 +78,7 @@ def load_examples(prompts: str, tokenizer, model_name: str, prompt_format: str =
     """The prompts rendered and tokenised; needs only the tokenizer, so bad files and rows fail before weights."""
     from swallow_ft.arguments import DataTrainingArguments
 
-    rows = load_raw_datasets(DataTrainingArguments(train_file=prompts), train_flag="--prompts")["train"]
+    rows = load_raw_datasets(DataTrainingArguments(train_file=prompts), train_flag=PROMPTS)["train"]
     shape = detect_shape(rows.column_names, prompts)
     fmt = choose_format(prompt_format, model_name, tokenizer, shape)
     examples = []
@@ -141,24 +147,13 @@ def reference_loss(model, examples: List[Example], batch_size: int, pad_token_id
     return total / max(count, 1)
 
 
-def prompt_settings(checkpoint: Path, prompt_format: Optional[str] = None,
-                    system_prompt: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """(prompt format, system prompt) to render with: those given, else the run's (run_clm.py records them in the
-    checkpoint's user_data.json), else "auto" and the format's default."""
-    from swallow_ft.export import read_user_data
-
-    trained = {} if prompt_format and system_prompt is not None else read_user_data(checkpoint)
-    return (prompt_format or trained.get("prompt_format", "auto"),
-            system_prompt if system_prompt is not None else trained.get("system_prompt"))
-
-
 class SideBySide:
     """The tokenizer and both models: for compare() and for trying prompts in the notebook.
 
     Construction checks every input and loads the tokenizer (and a LoRA adapter's small weights); the models load
     once, on first use or load(), so that examples() can reject a bad prompts file before minutes of loading.
-    prompt_format and system_prompt default to what the tuned run trained with (see prompt_settings).
-    storage: the checkpoint storage directory when --tuned is a checkpoint UUID (as export's --storage).
+    prompt_format and system_prompt default to what the tuned run trained with (see checkpoint_files.prompt_settings).
+    storage: the directory holding <uuid>/ when --tuned is a UUID; .checkpoint: what --tuned resolved to.
     A LoRA checkpoint loads one copy of the base (the base answers with the adapter off); a merged or fully fine-tuned
     one loads a second full model, twice the memory (for 70B in bf16, ~277 GB).
     """
@@ -166,18 +161,20 @@ class SideBySide:
     def __init__(self, base: str, tuned: str, prompt_format: Optional[str] = None, system_prompt: Optional[str] = None,
                  dtype: str = "auto", device_map: Optional[str] = None, storage: Optional[str] = None):
         from swallow_ft.arguments import ModelArguments
-        from swallow_ft.export import resolve_base, resolve_checkpoint
+        from swallow_ft.export import resolve_base
         from swallow_ft.model import load_tokenizer
 
+        self._dtype, self._device_map = check_dtype(dtype), check_device_map(device_map)
         self.base_name, self.tuned_name = base, tuned
-        self._base = resolve_base(base, flag="--base")
-        checkpoint = resolve_checkpoint(tuned, storage, flag="--tuned")  # once: on a cluster this downloads it
-        self.prompt_format, self.system_prompt = prompt_settings(checkpoint, prompt_format, system_prompt)
+        self._base = resolve_base(base, flag=BASE)
+        # Once: on a cluster this downloads it. A full model saved empty is refused below, so without its shards.
+        self.checkpoint = locate_checkpoint(tuned, storage, flag=TUNED, rebuild_full=False)
+        self.prompt_format, self.system_prompt = prompt_settings(self.checkpoint.path, prompt_format, system_prompt)
         self.tokenizer = load_tokenizer(ModelArguments(model_name_or_path=self._base))
         self.tokenizer.padding_side = "left"
         self._format("messages")  # an unknown --prompt_format fails now, not after the weights have loaded
-        self._adapter, self._tuned_model_dir = _tuned_weights(tuned, checkpoint, storage)
-        self._dtype, self._device_map = dtype, device_map
+        self._adapter, self._tuned_model_dir = tuned_weights(self.checkpoint.path, tuned, storage, TUNED)
+        _warn(base_warning(base, self.checkpoint.path, BASE))
         self.base_model = self.tuned_model = self.as_base = None
 
     def load(self) -> "SideBySide":
@@ -223,20 +220,68 @@ class SideBySide:
         return {"base": base[0], "tuned": tuned[0]}
 
 
+def _warn(line: Optional[str]) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def check_dtype(dtype) -> str:
+    """The torch dtype's name that from_pretrained takes, or "auto"; also from bf16/fp16/fp32 or a torch.dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise UserError(f"{DTYPE} {dtype!r}: not one of auto, bfloat16, float16, float32 (or bf16, fp16, fp32); "
+                        "bfloat16 for Swallow-70B")
+    return DTYPE_NAMES[name]
+
+
+def check_device_map(device_map):
+    """Checked against this machine's devices before anything loads: from_pretrained fails only at the weights."""
+    if device_map is None or isinstance(device_map, dict) or device_map in PLACEMENTS:
+        return device_map
+    kind, _, index = ("cuda", "", str(device_map)) if str(device_map).isdigit() else str(device_map).partition(":")
+    counts = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if kind not in counts or not re.fullmatch(r"\d*", index):
+        raise UserError(f"{DEVICE_MAP} {device_map!r}: not one of {', '.join(PLACEMENTS)}, cpu, cuda, cuda:N; "
+                        '"auto" spreads the model over the GPUs, None loads it on the CPU')
+    if int(index or 0) >= counts[kind]:
+        raise UserError(f"{DEVICE_MAP} {device_map!r}: no such device here ({counts['cuda']} CUDA GPUs visible); "
+                        'use None to load on the CPU, or "auto" where there are GPUs (notebook.yaml)')
+    return device_map
+
+
+def offload_warning(model, device_map, which: str, adapter: bool = False) -> Optional[str]:
+    """One line when accelerate put part of MODEL on the CPU or disk (run there, or copied to a GPU per token).
+    Refused for a base on disk with an adapter to load: peft's loader (_update_offload) rewrites the safetensors files
+    that disk offloading reads, which are the base model's own unless it is in the Hub cache."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    slow = sorted({str(device) for device in placed.values() if device in ("cpu", "disk")})
+    if adapter and "disk" in slow:
+        raise UserError(f"{DEVICE_MAP} {device_map}: part of the base model went to disk, where loading the adapter "
+                        "would rewrite the base's weight files; give it more GPU (or CPU) memory: Swallow-70B in bf16 "
+                        "needs 4 x 80 GB GPUs")
+    if device_map in PLACEMENTS and slow:
+        return (f"warning: {DEVICE_MAP} {device_map}: parts of the {which} model are on {' and '.join(slow)} (GPU "
+                "memory full, or no GPU), so generation will be very slow; Swallow-70B in bf16 needs 4 x 80 GB GPUs "
+                "(~129 GiB of weights, see notebook.yaml)")
+    return None
+
+
 def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tuple], dtype: str,
                  device_map: Optional[str]):
     """(base_model, tuned_model, base_context): base_context() switches the adapter off when shared."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    def load(path, dtype):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
+    def load(path, dtype, which):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
+        _warn(offload_warning(model, device_map, which, adapter=adapter is not None))
+        return model
 
-    base_model = load(base, dtype)
+    base_model = load(base, dtype, "base")
     if adapter is None:
         # "auto" means the base's dtype for both, as export writes: full fine-tuning without DeepSpeed saves fp32
         # weights of a bf16 base, which would take twice the memory and compare two precisions.
-        tuned_model = load(tuned_model_dir, base_model.dtype if dtype == "auto" else dtype)
+        tuned_model = load(tuned_model_dir, base_model.dtype if dtype == "auto" else dtype, "tuned")
         return base_model, tuned_model, contextlib.nullcontext
     from swallow_ft.export import write_adapter
 
@@ -247,30 +292,14 @@ def _load_models(base: str, tuned_model_dir: Optional[str], adapter: Optional[tu
     return tuned_model, tuned_model, tuned_model.disable_adapter
 
 
-def _tuned_weights(tuned: str, checkpoint: Path, storage: Optional[str]) -> Tuple[Optional[tuple], Optional[str]]:
-    """((adapter config, state), None) for a LoRA checkpoint; (None, directory) for whole model weights (merged,
-    exported or fully fine-tuned). Reads no model weights: only the tensor shapes in the safetensors headers."""
-    from swallow_ft.export import has_whole_weights, load_adapter
-
-    if (checkpoint / "adapter_config.json").is_file():
-        return load_adapter(checkpoint)[:2], None  # also rebuilds ZeRO-3 adapters that were saved empty
-    if has_whole_weights(checkpoint):
-        return None, str(checkpoint)
-    # ZeRO-3 saves a full model's tensors with size 0 unless gathered. Export rebuilds them from the shards on the
-    # CPU in fp32 (~280 GB of memory for 70B): a job to do once, not at every comparison.
-    source = f"{tuned} --storage {storage}" if storage else tuned
-    raise UserError(f"--tuned {tuned}: {checkpoint} holds no LoRA adapter and no whole model weights (ZeRO-3 saves "
-                    f"them empty); write them with python -m swallow_ft.export {source} --out DIR and pass --tuned DIR")
-
-
 def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optional[str] = None,
             system_prompt: Optional[str] = None, max_new_tokens: Optional[int] = None, batch_size: int = 8,
             limit: Optional[int] = None, dtype: str = "auto", device_map: Optional[str] = None,
             models: Optional[SideBySide] = None, storage: Optional[str] = None) -> Dict:
-    for flag, value, default in (("--max_new_tokens", max_new_tokens, "for the default"),
-                                 ("--batch_size", batch_size, "for 8"), ("--n", limit, "to compare every prompt")):
+    for flag, value, fix in (("--max_new_tokens / MAX_NEW_TOKENS", max_new_tokens, ", or None, for the default"),
+                             ("--batch_size", batch_size, " for 8"), ("--n / N_PROMPTS", limit, ", or None, for all")):
         if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1 (leave it out {default})")
+            raise UserError(f"{flag} {value}: must be at least 1 (leave it out{fix})")
     models = models or SideBySide(base, tuned, prompt_format, system_prompt, dtype, device_map, storage)
     examples = models.examples(prompts)  # every row, checked before models.answers() loads the weights
     # The default from every reference in the file (tokens only, cheap): --n 3 and a full run cut answers alike.
@@ -284,7 +313,9 @@ def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optio
              "scores": {name: metrics.score(answers[name][i].text, e.reference, cut=answers[name][i].cut)
                         for name in answers}}
             for i, e in enumerate(examples)]
+    ref = models.checkpoint  # recorded: best:<id> and a run directory name another checkpoint as the run goes on
     summary = {"prompts": prompts, "n": len(rows), "base_model": base, "tuned_model": tuned,
+               "tuned_checkpoint": str(ref.path), "tuned_uuid": ref.uuid, "tuned_trial_id": ref.trial_id,
                "prompt_format": models.prompt_format, "system_prompt": models.system_prompt,
                "max_new_tokens": max_new_tokens}
     for name, loss in losses.items():
@@ -292,23 +323,6 @@ def compare(base: str, tuned: str, prompts: str, out: Path, prompt_format: Optio
                          "perplexity": math.exp(min(loss, 50)), "cut": sum(r["cut"][name] for r in rows)}
     write_report(Path(out), rows, summary)
     return summary
-
-
-def metric_history(run_dir: Optional[str] = None, experiment_id: Optional[int] = None) -> Dict[str, List[Dict]]:
-    """{"training": [...], "validation": [...]} rows with steps_completed, from a local run's
-    metrics.jsonl or, on a cluster, from the experiment's first trial through the Determined client."""
-    groups = ("training", "validation")
-    if run_dir is not None:
-        from swallow_ft.local_core import read_jsonl
-
-        rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-        return {g: [r for r in rows if r["group"] == g] for g in groups}
-    if experiment_id is None:
-        raise UserError("metric_history needs a local run directory or a Determined experiment id")
-    from determined.experimental import client  # needs DET_MASTER and a login, as on a cluster notebook
-
-    trial = client.get_experiment(experiment_id).list_trials()[0]
-    return {g: [{"steps_completed": m.steps_completed, **m.metrics} for m in trial.iter_metrics(g)] for g in groups}
 
 
 def _cell(text: str) -> str:
@@ -335,6 +349,7 @@ def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    resolved = CheckpointRef(Path(summary["tuned_checkpoint"]), summary["tuned_uuid"], summary["tuned_trial_id"])
     table = ["| # | prompt | reference | base | tuned | char F1 base → tuned | number base → tuned |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -344,7 +359,8 @@ def write_report(out: Path, rows: List[Dict], summary: Dict) -> None:
                      f"| {tuned} | {_fmt(b['char_f1'])} → {_fmt(t['char_f1'])} "
                      f"| {_fmt(b['number_match'])} → {_fmt(t['number_match'])} |")
     (out / "comparison.md").write_text(
-        f"# Base vs fine-tuned\n\nbase: `{summary['base_model']}`  \ntuned: `{summary['tuned_model']}`  \n"
+        f"# Base vs fine-tuned\n\nbase: `{summary['base_model']}`  \ntuned: `{summary['tuned_model']}` → "
+        f"{resolved.describe()}  \n"
         f"prompts: `{summary['prompts']}` ({summary['n']})  \nprompt format: `{summary['prompt_format']}`  \n"
         f"max new tokens: {summary['max_new_tokens']} ({CUT}: the answer reached it before an end-of-sequence token; "
         "unfinished, so its final number is not counted as a match)\n\n"
@@ -365,7 +381,7 @@ def main(argv=None) -> int:
                         help="default: twice the longest reference in the prompts file (in tokens), within 64..1024")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--n", type=int, help="only the first N prompts")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES))
     parser.add_argument("--device_map", help='e.g. "auto" to spread a 70B model over the GPUs')
     parser.add_argument("--storage", help="checkpoint storage directory holding <uuid>/ (for a UUID --tuned)")
     args = parser.parse_args(argv)

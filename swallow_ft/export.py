@@ -4,7 +4,8 @@
 
 SOURCE is a `checkpoint-N` directory, a Determined checkpoint directory (metadata.json + checkpoint-N/),
 a local run directory (runs/local_tiny: its latest registered checkpoint), a UUID with --storage DIR, or on
-a cluster a checkpoint UUID or `best:<experiment id>`. LoRA adapters are merged into the base model; ZeRO-3
+a cluster a checkpoint UUID or `best:<experiment id>` (downloaded without the optimizer state, see
+checkpoint_files.py). LoRA adapters are merged into the base model; ZeRO-3
 checkpoints whose saved weights are empty are rebuilt from the per-rank shards with DeepSpeed's own code. Weights
 are written in the base model's dtype; the tokenizer's chat template is the run's prompt format (chat_template.py).
 """
@@ -13,8 +14,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import re
 import shutil
 import sys
 import tempfile
@@ -22,107 +21,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from swallow_ft.checkpoint_files import (ADAPTER_WEIGHTS, REPO, STEP_RE, base_warning, empty_tensors,
+                                         has_whole_weights, locate_checkpoint, read_user_data)
 from swallow_ft.errors import UserError, exit_code_of
-from swallow_ft.local_core import latest_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REBUILD_FIX = "re-save with ds_configs/ds_config_stage_3.json"
-RUN_FILES = ("checkpoints.jsonl", "checkpoints", "flags.json", "metrics.jsonl")  # what a local run writes
-
-
-# ----- where the checkpoint is ------------------------------------------------------------------
-def resolve_checkpoint(source: str, storage: Optional[str] = None, download_dir: Optional[Path] = None,
-                       flag: str = "") -> Path:
-    """The local `checkpoint-N` directory that SOURCE names (downloaded first if it is on a cluster). flag: the
-    option SOURCE came from (compare's --tuned), so that errors name what the user typed."""
-    named = f"{flag} {source}" if flag else source
-    if storage:
-        path = Path(storage).expanduser() / source
-        if not path.is_dir():
-            raise UserError(f"{path}: no such checkpoint in --storage {storage} (its subdirectories are UUIDs)")
-        return _checkpoint_in(path)
-    path = Path(source).expanduser()
-    if path.exists():
-        return _checkpoint_in(path)
-    if UUID_RE.match(source) or source.startswith("best:"):
-        return _download(source, Path(download_dir or "checkpoints"), named)
-    raise UserError(f"{named}: no such checkpoint directory; pass a checkpoint-N directory, a Determined "
-                    "checkpoint directory, a run directory such as runs/local_tiny, or a UUID with --storage DIR")
-
-
-def _checkpoint_in(path: Path) -> Path:
-    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
-        return path  # checkpoint-N itself, or any directory holding an adapter or a model
-    steps = {int(m.group(1)): p for p in path.glob("checkpoint-*") if p.is_dir() and (m := STEP_RE.match(p.name))}
-    if (path / "metadata.json").is_file() and steps:
-        return steps[max(steps)]  # a Determined checkpoint: our callback uploads one checkpoint-N/ into it
-    if any((path / name).exists() for name in RUN_FILES):  # flags.json alone: a run that failed before saving
-        return _latest_of_run(path)
-    raise UserError(f"{path}: not a checkpoint (no adapter_config.json, config.json, checkpoint-N/ or "
-                    "checkpoints.jsonl); pass a checkpoint-N directory or a run directory such as runs/local_tiny")
-
-
-def _latest_of_run(run_dir: Path) -> Path:
-    """A local run's newest registered checkpoint, as resuming would pick it."""
-    latest = latest_checkpoint(run_dir / "checkpoints.jsonl")
-    if latest is None:
-        raise UserError(f"{run_dir}: the run has no finished checkpoint yet; train until it saves one, or pass a "
-                        "checkpoint-N directory")
-    ckpt = run_dir / "checkpoints" / latest["storage_id"]
-    if not ckpt.is_dir():
-        # The YAML's checkpoint_storage may put checkpoints elsewhere; that directory + UUID still works.
-        raise UserError(f"{ckpt}: registered checkpoint not found there; pass --storage DIR "
-                        f"(the YAML's checkpoint_storage) and {latest['storage_id']}")
-    return _checkpoint_in(ckpt)
-
-
-def _download(source: str, download_dir: Path, named: str) -> Path:
-    import determined as det
-
-    if not (os.environ.get("DET_MASTER") or os.environ.get("DET_MASTER_ADDR") or det.get_cluster_info()):
-        raise UserError(f"{named}: not a local path and no Determined master is configured; pass --storage DIR "
-                        "(the directory holding <uuid>/) or set DET_MASTER to fetch it from the cluster")
-    # Untested here (no master in CI): two calls of determined.experimental.client, kept minimal on purpose.
-    from determined.experimental import client
-
-    if source.startswith("best:"):
-        experiment_id = source[len("best:"):]
-        if not experiment_id.isdigit():
-            raise UserError(f"{source}: expected best:<experiment id>, e.g. best:42")
-        # Sorted by the experiment's searcher metric and smaller_is_better when no sort_by is given.
-        found = client.get_experiment(int(experiment_id)).list_checkpoints(max_results=1)
-        if not found:
-            raise UserError(f"{source}: experiment {experiment_id} has no completed checkpoint")
-        checkpoint = found[0]
-    else:
-        checkpoint = client.get_checkpoint(source)
-    target = download_dir / checkpoint.uuid
-    checkpoint.download(str(target))
-    return _checkpoint_in(target)
 
 
 # ----- reading the weights ----------------------------------------------------------------------
-def empty_tensors(path: Path) -> list:
-    """Names of zero-size tensors: what ZeRO-3 saves when the 16-bit weights are not gathered."""
-    with safe_open(str(path), framework="pt") as f:
-        return [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
-
-
-def has_whole_weights(ckpt: Path) -> bool:
-    """Whether CKPT holds a whole model for from_pretrained: config.json and weights (not an adapter's) of which
-    none has size 0 (ZeRO-3's empty save). Reads only the safetensors headers."""
-    weights = [p for p in Path(ckpt).glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
-    bins = list(Path(ckpt).glob("pytorch_model*.bin"))
-    return (Path(ckpt) / "config.json").is_file() and bool(weights or bins) and not any(map(empty_tensors, weights))
-
-
 def _zero_tag(ckpt_dir: Path) -> Optional[str]:
     """The global_stepN folder holding per-rank ZeRO shards, `latest`'s first (DeepSpeed's own pointer)."""
     latest = ckpt_dir / "latest"
@@ -276,19 +185,6 @@ def _full_model(ckpt_dir: Path, dtype):
 
 
 # ----- writing ----------------------------------------------------------------------------------
-def read_user_data(ckpt: Path) -> dict:
-    """The run's user_data.json in a checkpoint or exported model (run_clm.py's finetuned_from, dataset,
-    prompt_format, system_prompt; export copies it); {} if there is none (checkpoints from before it was written)."""
-    path = Path(ckpt) / "user_data.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # every checkpoint of a run holds the same file
-        raise UserError(f"{path}: not valid JSON ({exc}); restore it, e.g. from another checkpoint of the same "
-                        "run: it records the base model and the prompt format the run trained with") from exc
-
-
 def _base_and_dtype(ckpt: Path, base, adapter_only: bool, dtype: Optional[str]) -> tuple:
     """(the resolved base or None, the dtype to write or None, why): from the configs alone, before any weights."""
     adapter_config = ckpt / "adapter_config.json"
@@ -355,8 +251,11 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
     # Written beside OUT and renamed at the end, so a failure never leaves a half-written model there.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        ckpt = resolve_checkpoint(str(source), storage, download_dir=staging / "download")
-        model_dir = staging / "model"
+        ref = locate_checkpoint(str(source), storage, download_dir=staging / "download")
+        ckpt, model_dir = ref.path, staging / "model"
+        warning = base and base_warning(base, ckpt, "--base")
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         base_name, dtype, why = _base_and_dtype(ckpt, base, adapter_only, dtype)
         # The checkpoint's tokenizer carries the pad token the run trained with; its chat template is replaced by
         # the run's prompt format, so that servers prompt the model with the tokens it was trained on. Before the
@@ -375,7 +274,8 @@ def export(source, out: Path, base=None, adapter_only=False, dtype=None, storage
         model_dir.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote {out}: {what} (checkpoint {ckpt})", flush=True)
+    # A downloaded checkpoint's directory was in the staging area, gone now: its UUID finds it again.
+    print(f"wrote {out}: {what} (checkpoint {ref.describe(with_path=staging not in ckpt.parents)})", flush=True)
     print("\n".join(line for line in (template, stops) if line), flush=True)
     return out
 

@@ -5,6 +5,8 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +15,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swallow_ft.arguments import DataTrainingArguments
-from swallow_ft.compare import Example, SideBySide, compare, default_max_new_tokens, main, prompt_settings
+from swallow_ft.checkpoint_files import (has_whole_weights, metric_history, prompt_settings, resolve_checkpoint,
+                                         same_model)
+from swallow_ft.compare import Example, SideBySide, compare, default_max_new_tokens, main
 from swallow_ft.data.loading import encode_example, load_raw_datasets
 from swallow_ft.data.templates import FORMATS
 from swallow_ft.errors import UserError
-from swallow_ft.export import export, has_whole_weights, resolve_checkpoint
+from swallow_ft.export import export
 
 PROMPTS = str(REPO / "data/eval_prompts_ja.jsonl")
 # Not local_tiny.yaml's swallow-instruct-v0.1 with its default system prompt, which compare used to assume.
@@ -49,6 +53,59 @@ def full_run(tiny_model, tmp_path_factory):
 
 def no_weights(*args, **kwargs):
     raise AssertionError("weights loaded before the inputs were checked")
+
+
+class FakeCheckpoint:
+    """determined.experimental.client's Checkpoint for a checkpoint in STORAGE: what the master reports of it (UUID,
+    the trial that saved it, the experiment's checkpoint_storage, every file's size), and download(), which fetches
+    it whole, as the SDK's does."""
+
+    def __init__(self, files: Path, trial_id: int, storage_config: dict):
+        self.uuid, self.files, self.whole_downloads = files.name, files, 0
+        self.training = SimpleNamespace(trial_id=trial_id, experiment_id=42,
+                                        experiment_config={"checkpoint_storage": storage_config})
+
+    @property
+    def metadata(self):
+        return json.loads((self.files / "metadata.json").read_text())
+
+    @property
+    def resources(self):
+        return {str(p.relative_to(self.files)) + "/" * p.is_dir(): 0 if p.is_dir() else p.stat().st_size
+                for p in self.files.rglob("*")}
+
+    def download(self, path=None, mode=None):
+        self.whole_downloads += 1
+        shutil.copytree(self.files, path, dirs_exist_ok=True)
+        return path
+
+    def write_metadata_file(self, path):
+        Path(path).write_text(json.dumps(self.metadata))
+
+
+class FakeCluster:
+    """A Determined master, through determined.experimental.client, with experiment 42: a search of two trials whose
+    best checkpoint is the one in CHECKPOINT_DIR (a Determined checkpoint directory), saved by trial 2 into STORAGE.
+    Storage of type `directory` is read by Determined's own storage manager; the client is faked."""
+
+    def __init__(self, monkeypatch, checkpoint_dir: Path, storage: Path, storage_config: dict = None):
+        from determined.experimental import client
+
+        self.files = shutil.copytree(checkpoint_dir, storage / checkpoint_dir.name)
+        self.uuid = self.files.name
+        # As DetCallback records it on a cluster.
+        (self.files / "metadata.json").write_text(json.dumps({**json.loads((self.files / "metadata.json").read_text()),
+                                                              "trial_id": 2}))
+        config = storage_config or {"type": "directory", "container_path": str(storage)}
+        self.checkpoint = FakeCheckpoint(self.files, 2, config)
+        trials = {i: SimpleNamespace(trial_id=i, iter_metrics=lambda group, i=i: [SimpleNamespace(
+            steps_completed=40, metrics={"loss" if group == "training" else "eval_loss": float(i)})]) for i in (1, 2)}
+        experiment = SimpleNamespace(list_trials=lambda: list(trials.values()),
+                                     list_checkpoints=lambda **kwargs: [self.checkpoint])
+        monkeypatch.setenv("DET_MASTER", "http://master.invalid:8080")
+        monkeypatch.setattr(client, "get_experiment", {42: experiment}.__getitem__)
+        monkeypatch.setattr(client, "get_checkpoint", {self.uuid: self.checkpoint}.__getitem__)
+        monkeypatch.setattr(client, "get_trial", trials.__getitem__)
 
 
 def test_prompts_are_rendered_as_the_run_trained_them(trained_run, tiny_model):
@@ -204,8 +261,9 @@ def test_a_full_checkpoint_that_zero3_saved_empty_names_export(full_run, tiny_mo
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
     assert main(["--base", str(full_run[1]), "--tuned", str(checkpoint), "--prompts", PROMPTS]) == 2
     assert capsys.readouterr().err.endswith(
-        f"error: --tuned {checkpoint}: {checkpoint} holds no LoRA adapter and no whole model weights (ZeRO-3 saves "
-        f"them empty); write them with python -m swallow_ft.export {checkpoint} --out DIR and pass --tuned DIR\n")
+        f"error: --tuned / CHECKPOINT {checkpoint}: {checkpoint} holds no LoRA adapter and no whole model weights "
+        f"(ZeRO-3 saves them empty); write them with python -m swallow_ft.export {checkpoint} --out DIR and pass that "
+        "DIR\n")
 
 
 def test_the_base_really_answers_without_the_adapter(trained_run, tiny_model):
@@ -247,7 +305,7 @@ BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 1
 
 @pytest.mark.parametrize("flags, files, error", [
     (["--prompts", "{tmp}/nope.jsonl"], {},
-     "{tmp}/nope.jsonl: data file not found: check the path given to --prompts"),
+     "{tmp}/nope.jsonl: data file not found: check the path given to --prompts / PROMPTS"),
     (["--prompts", "{tmp}/text.jsonl"], {"text.jsonl": TEXT_ROWS},
      "{tmp}/text.jsonl: compare needs prompts with reference answers, not `text` rows"),
     (["--prompts", "{tmp}/bad.jsonl"], {"bad.jsonl": BAD_ROW},
@@ -255,17 +313,18 @@ BAD_ROW = '{"message_1": "53 と 50 の和を求めなさい。", "message_2": 1
     (["--prompt_format", "llama-3"], {}, "--prompt_format 'llama-3' is not one of auto, swallow-instruct-v0.1, "
      "swallow-instruct-v0, llama3, chat_template, none"),
     (["--base", ".cache/tiny-swalow"], {},
-     "--base .cache/tiny-swalow: no such directory; pass the base model's directory or its Hub id"),
-    (["--tuned", "{tmp}/local_tny"], {}, "--tuned {tmp}/local_tny: no such checkpoint directory; pass a "
+     "--base / BASE_MODEL .cache/tiny-swalow: no such directory; pass the base model's directory or its Hub id"),
+    (["--tuned", "{tmp}/local_tny"], {}, "--tuned / CHECKPOINT {tmp}/local_tny: no such checkpoint directory; pass a "
      "checkpoint-N directory, a Determined checkpoint directory, a run directory such as runs/local_tiny, or a UUID "
      "with --storage DIR"),
     (["--storage", "{tmp}"], {}, "{tmp}/{uuid}: no such checkpoint in --storage {tmp} (its subdirectories are UUIDs)"),
-    (["--max_new_tokens", "0"], {}, "--max_new_tokens 0: must be at least 1 (leave it out for the default)"),
-    (["--n", "0"], {}, "--n 0: must be at least 1 (leave it out to compare every prompt)"),
-    (["--n", "-1"], {}, "--n -1: must be at least 1 (leave it out to compare every prompt)"),
+    (["--max_new_tokens", "0"], {},
+     "--max_new_tokens / MAX_NEW_TOKENS 0: must be at least 1 (leave it out, or None, for the default)"),
+    (["--n", "0"], {}, "--n / N_PROMPTS 0: must be at least 1 (leave it out, or None, for all)"),
+    (["--n", "-1"], {}, "--n / N_PROMPTS -1: must be at least 1 (leave it out, or None, for all)"),
     (["--batch_size", "0"], {}, "--batch_size 0: must be at least 1 (leave it out for 8)"),
     (["--prompts", "{tmp}/empty.jsonl"], {"empty.jsonl": "\n"},
-     "{tmp}/empty.jsonl: no rows: add examples to it or point --prompts at another file"),
+     "{tmp}/empty.jsonl: no rows: add examples to it or point --prompts / PROMPTS at another file"),
 ], ids=["missing-prompts", "text-rows", "bad-row", "unknown-format", "base-typo", "tuned-typo", "wrong-storage",
         "no-new-tokens", "no-prompts", "negative-prompts", "no-batch", "empty-prompts"])
 def test_bad_inputs_fail_in_one_line_before_any_weights_load(flags, files, error, trained_run, tiny_model, tmp_path,
@@ -310,3 +369,105 @@ def test_a_broken_user_data_json_is_one_line_naming_the_fix_in_compare_and_expor
     with pytest.raises(UserError) as caught:
         export(checkpoint, tmp_path / "model")
     assert f"error: {caught.value}" == error
+
+
+def test_best_of_a_search_is_its_best_trials_checkpoint_and_loss_curves(trained_run, tiny_model, tmp_path,
+                                                                        monkeypatch):
+    """best:<id> is the best checkpoint across every trial of a search; the loss curves were the first trial's."""
+    cluster = FakeCluster(monkeypatch, resolve_checkpoint(str(trained_run)).parent, tmp_path / "storage")
+    trial_2 = {"training": [{"steps_completed": 40, "loss": 2.0}],
+               "validation": [{"steps_completed": 40, "eval_loss": 2.0}]}
+    assert metric_history(experiment_id=42) == trial_2
+    monkeypatch.chdir(tmp_path)  # compare downloads into checkpoints/
+    models = SideBySide(str(tiny_model), "best:42")
+    assert models.checkpoint.path == Path("checkpoints", cluster.uuid, "checkpoint-80")
+    assert (models.checkpoint.uuid, models.checkpoint.trial_id) == (cluster.uuid, 2)
+    assert metric_history(trial_id=models.checkpoint.trial_id) == trial_2  # as the notebook plots them
+    # The report says which checkpoint best:42 was when it ran.
+    summary = compare(str(tiny_model), "best:42", PROMPTS, tmp_path / "report", limit=1, max_new_tokens=4,
+                      models=models)
+    assert (summary["tuned_uuid"], summary["tuned_trial_id"]) == (cluster.uuid, 2)
+    assert (f"tuned: `best:42` → checkpoints/{cluster.uuid}/checkpoint-80 (UUID {cluster.uuid}, trial 2)  \n"
+            in (tmp_path / "report" / "comparison.md").read_text())
+
+
+def test_the_report_records_the_checkpoint_it_compared(trained_run, tiny_model, tmp_path):
+    """A run directory names its latest checkpoint, another one as the run goes on: the report says which it was."""
+    checkpoint = resolve_checkpoint(str(trained_run))
+    summary = compare(str(tiny_model), str(trained_run), PROMPTS, tmp_path, limit=1, max_new_tokens=4)
+    recorded = json.loads((tmp_path / "summary.json").read_text())
+    assert recorded["tuned_checkpoint"] == summary["tuned_checkpoint"] == str(checkpoint)
+    assert recorded["tuned_uuid"] == checkpoint.parent.name and recorded["tuned_trial_id"] is None  # not on a cluster
+    assert (f"tuned: `{trained_run}` → {checkpoint} (UUID {checkpoint.parent.name})  \n"
+            in (tmp_path / "comparison.md").read_text())
+
+
+def test_a_base_other_than_the_one_the_checkpoint_records_is_warned_of(trained_run, tiny_model, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)  # before any weights load
+    # The run recorded .cache/tiny-swallow: the same model by its absolute path, or a copy under another name.
+    for same in (str(tiny_model), str(shutil.copytree(tiny_model, tmp_path / "copy"))):
+        SideBySide(same, str(trained_run))
+    assert "warning" not in capsys.readouterr().err
+    other = shutil.copytree(tiny_model, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    SideBySide(str(other), str(trained_run))
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --base / BASE_MODEL {other} is not the base the checkpoint was trained from (.cache/tiny-swallow, "
+        f"in its adapter_config.json's base_model_name_or_path); pass that model unless {other} is a copy of it"]
+    # A Hub id and a local copy of it: in a directory of the same name, or in the Hugging Face cache.
+    hub = "tokyotech-llm/Swallow-70b-instruct-v0.1"
+    assert same_model(hub, "/models/Swallow-70b-instruct-v0.1/")
+    assert same_model(hub, "/hf/hub/models--tokyotech-llm--Swallow-70b-instruct-v0.1/snapshots/0123abcd")
+    assert not same_model(hub, "tokyotech-llm/Swallow-7b-instruct-v0.1")
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"dtype": "bf17"}, "--dtype / DTYPE 'bf17': not one of auto, bfloat16, float16, float32 (or bf16, fp16, fp32); "
+     "bfloat16 for Swallow-70B"),
+    ({"device_map": "cuda"}, "--device_map / DEVICE_MAP 'cuda': no such device here (0 CUDA GPUs visible); use None "
+     'to load on the CPU, or "auto" where there are GPUs (notebook.yaml)'),
+    ({"device_map": "gpu"}, "--device_map / DEVICE_MAP 'gpu': not one of auto, balanced, balanced_low_0, sequential, "
+     'cpu, cuda, cuda:N; "auto" spreads the model over the GPUs, None loads it on the CPU'),
+], ids=["dtype", "cuda-without-gpu", "no-such-device"])
+def test_a_bad_dtype_or_device_map_fails_in_one_line_before_anything_loads(kwargs, error, trained_run, tiny_model,
+                                                                         monkeypatch):
+    """They failed only at the weights: `module 'torch' has no attribute 'bf17'`, a bare AssertionError for cuda."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a notebook without GPUs
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(UserError) as caught:
+        SideBySide(str(tiny_model), str(trained_run), **kwargs)
+    assert str(caught.value) == error
+
+
+def test_dtype_takes_the_short_names_too(trained_run, tiny_model):
+    models = SideBySide(str(tiny_model), str(trained_run), dtype="bf16").load()
+    assert models.base_model.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def full_gpus(tmp_path, monkeypatch):
+    """from_pretrained as on GPUs without room for the model: accelerate's own placement puts it on disk."""
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: load(
+        *args, max_memory={"cpu": 200_000}, offload_folder=str(tmp_path / "offload"), **kwargs))
+
+
+def test_a_model_that_auto_placement_puts_on_disk_is_warned_of(full_run, full_gpus, capsys):
+    run_dir, base = full_run
+    SideBySide(str(base), str(run_dir), device_map="auto").load()
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: --device_map / DEVICE_MAP auto: parts of the {which} model are on disk (GPU memory full, or no "
+        "GPU), so generation will be very slow; Swallow-70B in bf16 needs 4 x 80 GB GPUs (~129 GiB of weights, see "
+        "notebook.yaml)" for which in ("base", "tuned")]
+
+
+def test_an_adapter_is_not_loaded_onto_a_base_on_disk(trained_run, tiny_model, full_gpus, tmp_path):
+    """peft's loader rewrote the safetensors files that disk offloading reads: the base model's own."""
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    weights = (base / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"^--device_map / DEVICE_MAP auto: part of the base model went to disk, where "
+                                        r"loading the adapter would rewrite the base's weight files; give it more GPU"):
+        SideBySide(str(base), str(trained_run), device_map="auto").load()
+    assert (base / "model.safetensors").read_bytes() == weights

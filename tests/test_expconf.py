@@ -183,7 +183,7 @@ def test_generated_files_stay_out_of_the_upload(tmp_path):
     left out of the context directory; the code, experiments, data and configs are not."""
     readme = (REPO / "README.md").read_text()
     written = {".venv", ".cache", "runs",  # make install / make tiny / local runs
-               "checkpoints",  # where export and compare download a checkpoint UUID (export.resolve_checkpoint)
+               "checkpoints",  # where export and compare download a checkpoint UUID (checkpoint_files.locate_checkpoint)
                "comparison",  # compare's default --out
                ".ipynb_checkpoints", ".pytest_cache", "tests"}
     commands = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))  # not the prose's `--out DIR`

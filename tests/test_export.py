@@ -17,12 +17,14 @@ import torch
 from conftest import REPO, run_clm
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_compare import FakeCluster
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swallow_ft.compare import load_examples, prompt_settings
+from swallow_ft.checkpoint_files import locate_checkpoint, prompt_settings, resolve_checkpoint
+from swallow_ft.compare import load_examples
 from swallow_ft.data.templates import LLAMA3_SPECIALS, SWALLOW_SYSTEM_PROMPT
 from swallow_ft.errors import UserError
-from swallow_ft.export import export, load_adapter, main, merge, resolve_checkpoint
+from swallow_ft.export import export, load_adapter, main, merge
 
 SHORT = ["--max_steps", 10, "--save_steps", 10, "--eval_steps", 10]
 PROMPT = "<s>[INST] 81 と 70 の和を求めなさい。 [/INST]"
@@ -428,3 +430,92 @@ def test_cli_says_a_run_without_a_checkpoint_has_none_yet(tmp_path, capsys, file
     assert capsys.readouterr().err == (f"error: {run_dir}: the run has no finished checkpoint yet; train until it "
                                        "saves one, or pass a checkpoint-N directory\n")
     assert not (tmp_path / "model").exists()
+
+
+TRAINING_STATE = re.compile(r"global_step\d+/|optimizer\.pt$|scheduler\.pt$|rng_state[^/]*\.pth$")
+WEIGHTS_ONLY = "all but the optimizer and ZeRO state (global_step*/), which only resuming training reads"
+
+
+def files_under(directory):
+    return {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+
+
+def mib(size):
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def test_a_cluster_checkpoint_is_downloaded_without_the_training_state_export_never_reads(lora_run, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Checkpoint.download fetched all of it: for a 70B full fine-tuning, ~1 TB of ZeRO optimizer shards beside
+    ~140 GB of weights, into the notebook's container."""
+    cluster = FakeCluster(monkeypatch, resolve_checkpoint(str(lora_run)).parent, tmp_path / "storage")
+    shard = cluster.files / "checkpoint-10" / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.parent.mkdir()
+    shard.write_bytes(bytes(3 * 2**20))
+    stored = files_under(cluster.files)
+    ref = locate_checkpoint("best:42", download_dir=tmp_path / "downloads")
+    downloaded = files_under(tmp_path / "downloads" / cluster.uuid)
+    assert downloaded == {path: size for path, size in stored.items() if not TRAINING_STATE.search(path)}
+    assert {"checkpoint-10/optimizer.pt", "checkpoint-10/global_step10/" + shard.name} <= set(stored)
+    assert cluster.checkpoint.whole_downloads == 0 and (ref.uuid, ref.trial_id) == (cluster.uuid, 2)
+    assert capsys.readouterr().out == (f"checkpoint {cluster.uuid}: downloading {mib(sum(downloaded.values()))} of its "
+                                       f"{mib(sum(stored.values()))}: {WEIGHTS_ONLY}\n")
+    # Export from the cluster: what it wrote names the checkpoint by UUID, its download being gone.
+    out = export("best:42", tmp_path / "model", dtype="float32")
+    assert f"(checkpoint UUID {cluster.uuid}, trial 2, checkpoint-10)" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+
+
+def test_zero3_shards_are_downloaded_only_for_weights_saved_empty(zero3_run, tmp_path, monkeypatch, capsys):
+    gathered = resolve_checkpoint(str(zero3_run))
+    cluster = FakeCluster(monkeypatch, gathered.parent, tmp_path / "storage")
+    ref = locate_checkpoint(cluster.uuid, download_dir=tmp_path / "gathered")
+    assert not list(ref.path.glob("global_step*")) and load_adapter(ref.path)[2] == ""
+    # The same checkpoint saved by ZeRO-3 without gathering: only the shards hold the adapter, so they follow.
+    emptied = tmp_path / "emptied" / cluster.uuid
+    emptied_copy(gathered, emptied / gathered.name, keep_shards=True)
+    shutil.copy2(gathered.parent / "metadata.json", emptied)
+    cluster = FakeCluster(monkeypatch, emptied, tmp_path / "storage-emptied")
+    capsys.readouterr()
+    ref = locate_checkpoint(cluster.uuid, download_dir=tmp_path / "downloads")
+    stored = files_under(cluster.files)
+    shards = {path: size for path, size in stored.items() if path.startswith("checkpoint-10/global_step10/")}
+    assert files_under(ref.path.parent) == {path: size for path, size in stored.items()
+                                            if path in shards or not TRAINING_STATE.search(path)}
+    total = sum(stored.values())
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"checkpoint {cluster.uuid}: downloading {mib(sum(shards.values()))} of its {mib(total)}: its ZeRO shards, to "
+        "rebuild the weights ZeRO-3 saved empty")
+    assert load_adapter(ref.path)[2].startswith(" rebuilt from ZeRO-3 shards (global_step10)")
+
+
+@pytest.mark.parametrize("storage, reason", [
+    ({"type": "shared_fs", "host_path": "{tmp}/storage"}, "the Core API takes no shared_fs storage"),
+    ({"type": "directory", "container_path": "{tmp}/not-mounted"},
+     "the partial download failed: CheckpointNotFound"),
+], ids=["shared_fs", "not-mounted"])
+def test_what_the_core_api_cannot_fetch_in_part_is_downloaded_whole_after_a_warning(storage, reason, lora_run,
+                                                                                    tmp_path, monkeypatch, capsys):
+    config = {key: value.format(tmp=tmp_path) for key, value in storage.items()}
+    cluster = FakeCluster(monkeypatch, resolve_checkpoint(str(lora_run)).parent, tmp_path / "storage", config)
+    ref = locate_checkpoint(cluster.uuid, download_dir=tmp_path / "downloads")
+    stored = files_under(cluster.files)
+    assert cluster.checkpoint.whole_downloads == 1 and files_under(ref.path.parent) == stored
+    wanted = sum(size for path, size in stored.items() if not TRAINING_STATE.search(path))
+    assert capsys.readouterr().err == (
+        f"warning: checkpoint {cluster.uuid}: downloading all of it, {mib(sum(stored.values()))}, into "
+        f"{tmp_path / 'downloads' / f'.{cluster.uuid}.partial'} ({reason}), where {mib(wanted)} would do "
+        f"({WEIGHTS_ONLY}); make room, or mount the checkpoint storage and pass --storage DIR with the UUID\n")
+
+
+def test_export_warns_of_a_base_other_than_the_one_the_run_trained_from(lora_run, tiny_model, tmp_path, capsys):
+    other = shutil.copytree(tiny_model, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    export(lora_run, tmp_path / "adapter", base=str(other), adapter_only=True)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --base {other} is not the base the checkpoint was trained from (.cache/tiny-swallow, in its "
+        f"adapter_config.json's base_model_name_or_path); pass that model unless {other} is a copy of it"]
+    copy = shutil.copytree(tiny_model, tmp_path / "base-copy")
+    export(lora_run, tmp_path / "copy", base=str(copy), adapter_only=True)
+    assert "warning" not in capsys.readouterr().err

@@ -35,7 +35,8 @@ def test_notebook_executes_headless_against_a_local_run(tiny_model, tmp_path):
     index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
         f'BASE_MODEL = "{tiny_model}"\nCHECKPOINT = RUN_DIR = "{runs / "local_tiny"}"\n'
-        f'OUT = "{tmp_path / "comparison"}"\nN_PROMPTS = 4\nMAX_NEW_TOKENS = 16'))
+        f'OUT = "{tmp_path / "comparison"}"\nN_PROMPTS = 4\nMAX_NEW_TOKENS = 16\n'
+        f'EXPORT_DIR = "{tmp_path / "exported"}"'))
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -47,3 +48,10 @@ def test_notebook_executes_headless_against_a_local_run(tiny_model, tmp_path):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "base :" in printed and "tuned:" in printed
     assert (tmp_path / "comparison" / "comparison.jsonl").exists()
+    # The checkpoint the run directory resolved to, and the export of it that the last cell shows and runs.
+    checkpoint = next((runs / "local_tiny" / "checkpoints").glob("*/checkpoint-20"))
+    assert f"comparing {checkpoint} (UUID {checkpoint.parent.name})\n" in printed
+    assert f"python -m swallow_ft.export {runs / 'local_tiny'} --base {tiny_model} --out {tmp_path / 'exported'}\n" \
+        in printed
+    assert f"wrote {tmp_path / 'exported'}: merged adapter of r=16" in printed
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
