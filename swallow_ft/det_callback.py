@@ -19,9 +19,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
+from swallow_ft import checkpoints, searcher
 from swallow_ft.errors import UserError
 from swallow_ft.flops import flops_per_token, peak_flops
-from swallow_ft import checkpoints, searcher
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class DetCallback(TrainerCallback):
         missed = searcher.unevaluated_rungs(self.searcher_config, args)
         if missed:
             logger.warning("searcher %s judges trials at %s batches, where --eval_steps %s evaluates nothing: set "
-                           "--eval_steps to a divisor of the rungs, or max_rungs/divisor/max_trials to rungs it evaluates at",
+                           "--eval_steps to a divisor of the rungs, or max_rungs/divisor/max_trials to rungs it "
+                           "evaluates at",
                            self.searcher_config["name"], missed, args.eval_steps)
 
     # ----- per step -------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ accumulates the adapter's input gradient the same way. Same parameters, same sav
 merge are untouched. For Swallow-7B at 4 x 2048 that is about 170 GB less memory traffic per step
 (`bench/traffic.py --fused-lora`). Eager PyTorch only: no Triton, nothing to compile.
 
-Used by SwallowTrainer on a GPU unless `fuse_lora` is False (the bench's `+nofusedlora`); plain LoRA layers only (one adapter, no
-dropout, no DoRA or other variants, a plain nn.Linear base without hooks), everything else keeps peft's forward.
+Used by SwallowTrainer on a GPU unless `fuse_lora` is False (the bench's `+nofusedlora`); plain LoRA layers only (one
+adapter, no dropout, no DoRA or other variants, a plain nn.Linear base without hooks), everything else keeps peft's
+forward.
 """
 
 import contextlib

@@ -236,7 +236,8 @@ def test_another_trials_checkpoint_warm_starts_the_adapter(cluster, tiny_model, 
 
 
 @pytest.mark.parametrize("flags, problem", [
-    (["--lora_r", "4"], "has LoRA rank 16 and this trial --lora_r 4: warm-starting needs the same rank; set --lora_r 16"),
+    (["--lora_r", "4"],
+     "has LoRA rank 16 and this trial --lora_r 4: warm-starting needs the same rank; set --lora_r 16"),
     (["--use_lora", "false"], "this project warm-starts LoRA runs from a LoRA checkpoint only"),
 ])
 def test_a_warm_start_that_cannot_fit_stops_before_the_model_loads(cluster, tiny_model, tmp_path, monkeypatch,
