@@ -1,4 +1,7 @@
 import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # where relative paths in the shipped configs start
 
 # Deprecations inside the pinned libraries, not in our calls, repeated every step: deepspeed 0.19.8's ZeRO collectives
 # call torch's old names (several warnings per step and rank), and peft 0.21 reads transformers' old

@@ -17,10 +17,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from safetensors import safe_open
 
+from swallow_ft import REPO_ROOT
+from swallow_ft.checkpoints import saved_by_trial
 from swallow_ft.errors import UserError
 from swallow_ft.local_core import latest_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,14 +100,9 @@ def _latest_of_run(run_dir: Path) -> Path:
 def _local_ref(ckpt: Path) -> CheckpointRef:
     """A checkpoint-N inside a Determined checkpoint directory (a download, a run's storage) has a UUID, the
     directory's name, and DetCallback records the trial in its metadata.json."""
-    metadata = ckpt.parent / "metadata.json"
-    if not (UUID_RE.match(ckpt.parent.name) and metadata.is_file()):
+    if not (UUID_RE.match(ckpt.parent.name) and (ckpt.parent / "metadata.json").is_file()):
         return CheckpointRef(ckpt)
-    try:
-        trial_id = json.loads(metadata.read_text(encoding="utf-8")).get("trial_id")
-    except ValueError:
-        trial_id = None
-    return CheckpointRef(ckpt, ckpt.parent.name, trial_id)
+    return CheckpointRef(ckpt, ckpt.parent.name, saved_by_trial(ckpt.parent))
 
 
 # ----- on a cluster -----------------------------------------------------------------------------
@@ -300,17 +296,18 @@ def recorded_base(ckpt: Path) -> Tuple[Optional[str], str]:
     return read_user_data(ckpt).get("finetuned_from"), "user_data.json's finetuned_from"
 
 
-def _local_dir(name: str) -> Optional[Path]:
-    for candidate in (Path(name).expanduser(), REPO / name):  # relative paths as the run gave them, from its root
+def local_model_dir(name: str) -> Optional[Path]:
+    """NAME as a directory: as given, else relative to the repo root, as a run gave it; None for a Hub id."""
+    for candidate in (Path(name).expanduser(), REPO_ROOT / name) if name else ():
         if candidate.is_dir():
-            return candidate.resolve()
+            return candidate
     return None
 
 
 def _canonical(name: str) -> str:
     """A directory's absolute path, or the Hub id of a snapshot in the Hugging Face cache."""
-    local = _local_dir(name)
-    text = str(local) if local else name.rstrip("/")
+    local = local_model_dir(name)
+    text = str(local.resolve()) if local else name.rstrip("/")
     cached = re.search(r"models--([^/]+)--([^/]+)/snapshots/", text + "/")
     return f"{cached[1]}/{cached[2]}" if cached else text
 
@@ -318,7 +315,7 @@ def _canonical(name: str) -> str:
 def _config_of(name: str) -> Optional[dict]:
     """config.json of a directory, or of a Hub id already in the local cache (never downloaded for this), without
     what saving a copy changes."""
-    local = _local_dir(name)
+    local = local_model_dir(name)
     path = local / "config.json" if local else None
     if local is None and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         from huggingface_hub import try_to_load_from_cache

@@ -70,18 +70,20 @@ def download_starting_point(core_context: det.core.Context, storage_id: str, out
     if path is None:
         raise UserError(f"checkpoint {storage_id} holds no {PREFIX_CHECKPOINT_DIR}-N folder: it was not saved by "
                         "this project's run_clm.py, so a trial cannot start from it")
-    source_trial = _metadata(target).get("trial_id")
+    source_trial = saved_by_trial(target)
     warm_start = trial_id is not None and source_trial is not None and source_trial != trial_id
     if not warm_start:
         check_same_world_size(path, storage_id, core_context.distributed.size)
     return StartingPoint(path, storage_id, warm_start, source_trial)
 
 
-def _metadata(checkpoint_dir: str) -> Dict[str, Any]:
+def saved_by_trial(checkpoint_dir) -> Optional[int]:
+    """The trial that uploaded a Determined checkpoint directory, from the metadata.json DetCallback writes; None for
+    a local run's checkpoint or an unreadable file."""
     try:
-        return json.loads(Path(checkpoint_dir, "metadata.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return json.loads(Path(checkpoint_dir, "metadata.json").read_text(encoding="utf-8")).get("trial_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_same_world_size(path: str, storage_id: str, world_size: int) -> None:

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from swallow_ft.checkpoint_files import (ADAPTER_WEIGHTS, REPO, STEP_RE, base_warning, empty_tensors,
-                                         has_whole_weights, locate_checkpoint, read_user_data)
+from swallow_ft.checkpoint_files import (ADAPTER_WEIGHTS, STEP_RE, base_warning, empty_tensors, has_whole_weights,
+                                         local_model_dir, locate_checkpoint, read_user_data)
 from swallow_ft.errors import UserError, exit_code_of
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -95,9 +95,9 @@ def load_adapter(ckpt_dir: Path) -> tuple:
 def resolve_base(name: str, flag: str = "") -> str:
     """A local base path as the run gave it (relative to its repo root), or a Hub id unchanged. flag: the option
     NAME came from (compare's --base); without one NAME may be adapter_config.json's."""
-    for candidate in (Path(name).expanduser(), REPO / name) if name else ():
-        if candidate.is_dir():
-            return str(candidate)
+    local = local_model_dir(name)
+    if local:
+        return str(local)
     if name and not name.startswith((".", "/", "~")):
         return name
     if flag:

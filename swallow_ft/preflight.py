@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from swallow_ft import expconf
+from swallow_ft import REPO_ROOT, expconf
 from swallow_ft.arguments import (RENAMED_FLAGS, flag_fields, flag_value, is_chief_process, parse_input_arguments,
                                   split_equals, underscored, without_deepspeed)
 from swallow_ft.errors import UserError
@@ -26,7 +26,6 @@ from swallow_ft.searcher import determined_version, searcher_problems
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("determined.launch.deepspeed", "determined.launch.torch_distributed", "determined.launch.horovod")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # DSAT is launched from the CLI (python -m determined.pytorch.dsat asha EXPERIMENT.yaml .) with an ordinary experiment

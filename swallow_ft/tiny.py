@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from swallow_ft import REPO_ROOT
+
 DEFAULT_DIR = REPO_ROOT / ".cache" / "tiny-swallow"
 CORPUS_FILES = (REPO_ROOT / "data" / "tokenizer_corpus.txt", REPO_ROOT / "data" / "camel_math_ja.jsonl")
 
